@@ -1,0 +1,51 @@
+"""Presso: compress deep-learning work end to end.
+
+This file is the root of the ``presso`` import package; the code lives in the four folders
+beside it (``presso.orchestrator``, ``presso.compressors``, ``presso.kernels``, ``presso.jobs``).
+It holds only the version and the exception types every layer raises, so importing ``presso``
+stays cheap.
+"""
+
+__version__ = "0.1.0"
+
+
+class PressoError(Exception):
+    """An error the user can fix. The CLI prints its message (no traceback) and exits non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(PressoError):
+    """A config key is unknown, has the wrong type, or a value is out of range."""
+
+    exit_code = 2
+
+
+class DataError(PressoError):
+    """The corpus or a model file is missing, empty, or fails its checksum."""
+
+
+class IntegrityError(PressoError):
+    """A checkpoint or artifact is partial, tampered with, or belongs to another model."""
+
+
+class UnsupportedError(PressoError):
+    """A layer, shape or setting that an algorithm cannot handle."""
+
+
+def load_compressed(path, device="cpu"):
+    """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.artifact``)."""
+    from presso.compressors.artifact import load_compressed as _load
+
+    return _load(path, device=device)
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "IntegrityError",
+    "PressoError",
+    "UnsupportedError",
+    "__version__",
+    "load_compressed",
+]
