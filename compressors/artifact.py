@@ -1,0 +1,210 @@
+"""The packed artifact: a Hugging Face model folder whose compressed layers stay packed.
+
+Layout (compatible with compressed-tensors' ``pack-quantized`` format where the layer format is):
+
+- ``model.safetensors``: every parameter of the model; a compressed linear layer ``L`` is stored
+  as ``L.weight_packed``, ``L.weight_scale``, ``L.weight_shape`` (+ ``L.weight_zero_point``) instead
+  of ``L.weight``;
+- ``config.json``: the model's config plus ``quantization_config`` (compressed-tensors style
+  ``config_groups``, and under ``presso`` each layer's stored format and scheme);
+- tokenizer files, when a tokenizer is given;
+- ``manifest.json``: sha256 and size of every other file. :func:`load_compressed` refuses an
+  artifact whose files do not match it.
+
+The folder is written beside its destination and renamed into place, so a crash never leaves a
+half-written artifact under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import presso
+from presso import IntegrityError, UnsupportedError
+from presso.compressors.registry import FORMATS
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ArtifactInfo:
+    path: Path
+    artifact_bytes: int  # every file in the folder, metadata included
+    compressed_weights: int  # weights in compressed layers
+    compressed_bytes: int  # bytes stored for those layers (codes, scales, zeros, masks, ...)
+
+    @property
+    def avg_bits(self) -> float:
+        """Average stored bits per weight of the compressed layers, all metadata included."""
+        return 8 * self.compressed_bytes / max(self.compressed_weights, 1)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in files
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_manifest(folder: Path, what: str = "artifact") -> None:
+    """Raise IntegrityError unless every file the manifest lists is present and unchanged."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise IntegrityError(f"{what} {folder}: no {MANIFEST}; it is incomplete, write it again")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise IntegrityError(f"{what} {folder}: unreadable {MANIFEST} ({e})") from e
+    for rel, entry in entries.items():
+        p = folder / rel
+        if not p.is_file():
+            raise IntegrityError(f"{what} {folder}: {rel} is missing; write the {what} again")
+        if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+            raise IntegrityError(
+                f"{what} {folder}: {rel} does not match its checksum (truncated or modified); "
+                f"refusing to load it — write the {what} again"
+            )
+
+
+def atomic_folder(dest: Path):
+    """A temporary folder beside ``dest``; ``commit(tmp)`` renames it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+
+    def commit() -> None:
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+
+    return tmp, commit
+
+
+def _tied_duplicates(model: torch.nn.Module) -> set[str]:
+    """State-dict names whose storage an earlier name already holds (tied embeddings)."""
+    seen, dups = set(), set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            dups.add(name)
+        seen.add(t.data_ptr())
+    return dups
+
+
+def save_compressed(
+    model: torch.nn.Module, records: dict, path: str | os.PathLike, tokenizer=None
+) -> ArtifactInfo:
+    """Write ``model`` with the layers in ``records`` (name → stored record) kept packed."""
+    if not hasattr(model, "config"):
+        raise UnsupportedError("save_compressed needs a Hugging Face model (one with a .config)")
+    dest = Path(path)
+    modules = dict(model.named_modules())
+    skip = _tied_duplicates(model) | {f"{name}.weight" for name in records}
+    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items() if n not in skip}
+    layers, compressed_bytes, compressed_weights = {}, 0, 0
+    for name, record in records.items():
+        for suffix, t in record.tensors().items():
+            tensors[f"{name}.{suffix}"] = t.contiguous()
+            compressed_bytes += t.numel() * t.element_size()
+        compressed_weights += modules[name].weight.numel()
+        layers[name] = {"format": record.format, "scheme": record.scheme()}
+    config = model.config.to_dict()
+    config["quantization_config"] = _quantization_config(records, layers, modules)
+
+    tmp, commit = atomic_folder(dest)
+    try:
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    return ArtifactInfo(dest, size, compressed_weights, compressed_bytes)
+
+
+def _quantization_config(records: dict, layers: dict, modules: dict) -> dict:
+    """compressed-tensors' ``quantization_config``: one config group per distinct scheme."""
+    groups: dict[str, dict] = {}
+    for name, layer in layers.items():
+        key = json.dumps([layer["format"], layer["scheme"]], sort_keys=True)
+        group = groups.setdefault(
+            key,
+            {
+                "targets": [],
+                "weights": layer["scheme"],
+                "input_activations": None,
+                "output_activations": None,
+                "format": layer["format"],
+            },
+        )
+        group["targets"].append(name)
+    linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    formats = {layer["format"] for layer in layers.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+        "ignore": [n for n in linear if n not in records],
+        "presso": {"version": presso.__version__, "layers": layers},
+    }
+
+
+def load_compressed(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
+    """Verify an artifact's checksums and rebuild a runnable model from it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise IntegrityError(f"artifact {folder} does not exist")
+    verify_manifest(folder)
+    config = AutoConfig.from_pretrained(folder)
+    layers = config.quantization_config["presso"]["layers"]
+    del config.quantization_config  # transformers must not try to apply it on its own
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_file(folder / WEIGHTS)
+    for name, layer in layers.items():
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        record = FORMATS[layer["format"]].from_tensors(own, layer["scheme"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, record.module(own.get("bias")))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    replaced = tuple(f"{name}." for name in layers)
+    missing = (
+        set(missing) - _tied_duplicates(model) - {k for k in missing if k.startswith(replaced)}
+    )
+    if missing or unexpected:
+        raise IntegrityError(
+            f"artifact {folder} does not match its config: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}; write the artifact again"
+        )
+    return model.to(device).eval()
