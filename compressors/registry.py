@@ -35,6 +35,9 @@ def register_format(cls):
 
 def build(name: str, params: dict, prefix: str = "compress.recipe"):
     """Instantiate algorithm ``name`` with ``params``; unknown names and keys fail with the key."""
+    import presso.compressors.prune
+    import presso.compressors.quant  # noqa: F401  (importing registers the algorithms)
+
     if name not in ALGORITHMS:
         raise ConfigError(f"{prefix}: unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}")
     cls = ALGORITHMS[name]

@@ -1,0 +1,132 @@
+"""The compress stage: a pool of Ray actors solves the model's linear layers in parallel.
+
+The driver validates every layer first (so a bad group size fails before any work), assigns
+layers to workers by estimated cost (largest first, to the least-loaded worker), and gathers one
+stored record per layer. Records are independent of which worker produced them, so 1 and M
+workers give bit-identical artifacts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from presso.compressors.quant.base import resolve_group_size
+
+
+@dataclass
+class LayerResult:
+    name: str
+    worker: int
+    seconds: float
+    rel_error: float  # ‖W − Ŵ‖² / ‖W‖²
+
+
+@dataclass
+class CompressResult:
+    records: dict  # layer name → stored record
+    layers: list[LayerResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # modules with weights presso leaves dense
+    wall_s: float = 0.0
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """``lm_head`` matches the module ``lm_head`` and any ``*.lm_head``; globs work too."""
+    return any(
+        name == p or name.endswith(f".{p}") or fnmatch.fnmatchcase(name, p) for p in patterns
+    )
+
+
+def select_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str], list[str]]:
+    """Linear layers to compress, and other weight-bearing leaf modules that will stay dense."""
+    chosen, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if not is_ignored(name, ignore):
+                chosen.append(name)
+        elif (
+            not list(module.children())
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() > 1
+            and not isinstance(module, torch.nn.Embedding)
+        ):
+            skipped.append(f"{name} ({type(module).__name__})")
+    return chosen, skipped
+
+
+def assign(costs: dict[str, int], workers: int) -> list[list[str]]:
+    """Longest-processing-time-first assignment of layers to workers (deterministic)."""
+    loads, plan = [0] * workers, [[] for _ in range(workers)]
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        w = loads.index(min(loads))
+        plan[w].append(name)
+        loads[w] += costs[name]
+    return plan
+
+
+def solve_layer(algorithm, name: str, weight: torch.Tensor) -> tuple:
+    """One layer's record, its relative error and its wall time (runs inside a worker)."""
+    tick = time.perf_counter()
+    record = algorithm.compress(weight, None, name=name)
+    error = (record.dequantize() - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30)
+    return record, float(error), time.perf_counter() - tick
+
+
+def _worker_class():
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class CompressWorker:
+        def __init__(self, threads: int) -> None:
+            torch.set_num_threads(threads)
+
+        def solve(self, algorithm, name: str, weight: torch.Tensor):
+            return solve_layer(algorithm, name, weight)
+
+    return CompressWorker
+
+
+def run_compression(
+    model: torch.nn.Module, algorithm, workers: int, ignore: list[str], progress=None
+) -> CompressResult:
+    """Compress every selected linear layer of ``model`` with ``algorithm`` on ``workers`` actors."""
+    import ray
+
+    names, skipped = select_layers(model, ignore)
+    modules = dict(model.named_modules())
+    group_size = getattr(algorithm, "group_size", None)
+    if group_size is not None:
+        for name in names:  # every layer checked before any work starts
+            resolve_group_size(modules[name].weight.shape[1], group_size, name)
+    if skipped:
+        print(f"presso: leaving {len(skipped)} unsupported modules dense: {', '.join(skipped)}")
+
+    start = time.perf_counter()
+    plan = assign({n: modules[n].weight.numel() for n in names}, workers)
+    pool = [_worker_class().remote(1) for _ in range(workers)]
+    algorithm_ref = ray.put(algorithm)
+    pending = {}
+    for w, chunk in enumerate(plan):
+        for name in chunk:
+            weight = modules[name].weight.detach().float().cpu()
+            pending[pool[w].solve.remote(algorithm_ref, name, weight)] = (name, w)
+    result = CompressResult(records={}, skipped=skipped)
+    bar = progress(total=len(pending), desc="compress") if progress else None
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name, w = pending.pop(done[0])
+        record, error, seconds = ray.get(done[0])
+        result.records[name] = record
+        result.layers.append(LayerResult(name, w, seconds, error))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    for actor in pool:
+        ray.kill(actor)
+    result.records = {n: result.records[n] for n in names}  # model order, whatever finished first
+    result.wall_s = time.perf_counter() - start
+    return result

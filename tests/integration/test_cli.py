@@ -1,0 +1,82 @@
+"""The CLI as a user runs it: a subprocess against a real `mlflow server`, read back afterwards."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+PRESSO = str(Path(sys.executable).parent / "presso")
+TINY = [
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.batch_size=2",
+    "train.seq_len=32",
+    "train.eval_batches=1",
+    "model.scratch.hidden_size=64",
+    "model.scratch.num_layers=1",
+    "model.scratch.intermediate_size=128",
+    "compress.recipe=[{rtn: {bits: 4, group_size: 32}}]",
+    "eval.seq_len=64",
+    "eval.max_tokens=2048",
+]
+
+
+@pytest.mark.integration
+def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    env.pop("RAY_ADDRESS", None)
+    args = [*TINY, "run.name=cli-test", f"run.output_dir={tmp_path}"]
+    proc = subprocess.run(
+        [PRESSO, "run", "jobs/quickstart.yaml", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "presso summary" in proc.stdout and "compressed_ppl" in proc.stdout
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("cli-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    stages = {r.data.tags["presso.stage"]: r for r in runs if r is not parent}
+    assert set(stages) == {"train", "compress", "eval", "register"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    assert parent.data.params["train.steps"] == "4"
+    assert parent.data.params["compress.recipe"] == "[{'rtn': {'bits': 4, 'group_size': 32}}]"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "config.yaml",
+        "summary.json",
+    }
+    train = stages["train"].info.run_id
+    assert [m.step for m in client.get_metric_history(train, "val/loss")] == [0, 2, 4]
+    assert [a.path for a in client.list_artifacts(train, "plots")] == ["plots/loss.png"]
+    assert stages["compress"].data.metrics["compress/avg_bits"] > 4
+    assert stages["eval"].data.metrics["eval/compressed_ppl"] > 1
+
+    version = client.get_model_version_by_alias("cli-test-compressed", "candidate")
+    assert version.run_id == stages["register"].info.run_id
+
+
+def test_config_error_is_one_line_and_starts_nothing():
+    """A typo must cost the user a second, not a Ray start: RAY_ADDRESS points nowhere here."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}
+    proc = subprocess.run(
+        [PRESSO, "run", "jobs/quickstart.yaml", "train.steps=abc"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "presso: error: train.steps: expected int, got 'abc'\n"
+    assert proc.stdout == ""
+
+
+def test_help_explains_the_commands():
+    out = subprocess.run([PRESSO, "--help"], capture_output=True, text=True).stdout
+    for command in ("run", "train", "compress", "eval", "config"):
+        assert command in out
+    sub = subprocess.run([PRESSO, "run", "--help"], capture_output=True, text=True).stdout
+    assert "key=value" in sub and "jobs/quickstart.yaml" in sub

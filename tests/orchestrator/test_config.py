@@ -1,0 +1,69 @@
+"""Config errors must surface before any worker starts, naming the key the user has to fix."""
+
+import pytest
+
+from presso import ConfigError
+from presso.orchestrator.config import load_config
+
+JOB = "jobs/quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps=abc", "train.steps: expected int, got 'abc'"),
+        ("train.stepz=3", "train.stepz: unknown key"),
+        ("train.use_gpu=maybe", "train.use_gpu: expected bool, got 'maybe'"),
+        ("train.steps=0", "train.steps: must be > 0, got 0"),
+        ("train.optimizer.lr=-1", "train.optimizer.lr: must be > 0"),
+        ("eval.seq_len=-5", "eval.seq_len: must be > 0"),
+        ("compress.recipe=[{rtn: {bits: 9}}]", "compress.recipe[0].rtn.bits: must be in [2, 8]"),
+        ("compress.recipe=[{rtn: {bitz: 4}}]", "compress.recipe[0].rtn.bitz: unknown setting"),
+        ("compress.recipe=[{nope: {}}]", "compress.recipe[0]: unknown algorithm 'nope'"),
+        ("compress.recipe=[{rtn:{bits:4}}]", "compress.recipe: value"),
+        ("model.scratch.num_heads=3", "model.scratch: hidden_size must be a multiple"),
+        ("data.test_works=[hamlet]", "data.test_works: ['hamlet'] also in data.val_works"),
+        ("data.tokenizer=words", "data.tokenizer: expected auto, bytes or smollm2"),
+        ("trainsteps", "expected key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(JOB, [override])
+    assert message in str(err.value)
+
+
+def test_bad_yaml_file_names_the_line(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line"):
+        load_config(job)
+
+
+def test_yaml_unknown_section(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="trian: unknown key"):
+        load_config(job)
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such job file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_overrides_apply_on_top_of_the_job():
+    cfg = load_config(JOB, ["train.steps=7", "compress.recipe=[{rtn: {bits: 3, group_size: 32}}]"])
+    assert cfg.train.steps == 7
+    assert cfg.compress.recipe == [{"rtn": {"bits": 3, "group_size": 32}}]
+    assert cfg.model.source == "scratch"  # from the job file
+
+
+def test_every_shipped_job_validates():
+    """A job spec in jobs/ that does not load would fail only when a user tries it."""
+    from pathlib import Path
+
+    jobs = sorted(Path("jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        load_config(job)
