@@ -1,0 +1,87 @@
+"""Building an optimizer from an ``OptimizerConfig``, and measuring what its state costs."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from presso import ConfigError
+from presso.compressors.optim.config import OptimizerConfig
+from presso.compressors.optim.galore import GaLoreAdamW
+from presso.compressors.optim.gradnormlorp import GradNormLoRP
+
+
+def low_rank_parameters(
+    model: nn.Module, modules: list[str], exclude: list[str]
+) -> dict[str, nn.Parameter]:
+    """Weights of the ``nn.Linear`` layers whose name matches a ``modules`` pattern and no
+    ``exclude`` pattern, by parameter name. A weight shared with an excluded module (a tied
+    ``lm_head``/embedding) stays out."""
+    excluded_ids = {
+        id(p)
+        for name, module in model.named_modules()
+        if any(fnmatchcase(name, pat) for pat in exclude)
+        for p in module.parameters(recurse=False)
+    }
+    chosen = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or id(module.weight) in excluded_ids:
+            continue
+        if any(fnmatchcase(name, pat) for pat in modules):
+            chosen[f"{name}.weight"] = module.weight
+    return chosen
+
+
+def build_optimizer(
+    cfg: OptimizerConfig, model: nn.Module, prefix: str = "train.optimizer"
+) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``model``'s trainable parameters. For the low-rank ones,
+    the weights chosen by ``cfg.modules``/``cfg.exclude`` go low-rank, everything else AdamW."""
+    cfg.validate(prefix)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.low_rank:
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    chosen = low_rank_parameters(model, cfg.modules, cfg.exclude)
+    low_rank_ids = {id(p) for p in chosen.values() if p.requires_grad}
+    if not low_rank_ids:
+        raise ConfigError(
+            f"{prefix}.modules: no trainable nn.Linear matches {list(cfg.modules)} outside "
+            f"{list(cfg.exclude)}; list module names of the model, or use name: adamw"
+        )
+    groups = [
+        {"params": [p for p in params if id(p) in low_rank_ids], "low_rank": True},
+        {"params": [p for p in params if id(p) not in low_rank_ids], "low_rank": False},
+    ]
+    groups = [g for g in groups if g["params"]]
+    cls = GradNormLoRP if cfg.name.startswith("gradnormlorp") else GaLoreAdamW
+    return cls(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        rank=cfg.rank,
+        update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale,
+        proj_type=cfg.proj_type,
+        svd=cfg.svd,
+        moments_on_switch=cfg.moments_on_switch,
+        seed=cfg.seed,
+        eight_bit=cfg.eight_bit,
+        state_code=cfg.state_code,
+        projector_dtype=cfg.projector_dtype,
+    )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's state tensors (moments, codes, scales, projectors, steps)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
