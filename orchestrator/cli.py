@@ -63,22 +63,6 @@ STAGES = {
 }
 
 
-def _print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="presso summary", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:,.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
-        elif isinstance(value, int):
-            value = f"{value:,}"
-        table.add_row(key, str(value))
-    Console(width=110).print(table)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return 0
         from presso.orchestrator.pipeline import run_pipeline
+        from presso.orchestrator.report import print_summary
 
-        summary = run_pipeline(cfg, STAGES[args.command])
-        _print_summary(summary)
+        print_summary(run_pipeline(cfg, STAGES[args.command]))
         return 0
     except PressoError as e:
         print(f"presso: error: {e}", file=sys.stderr)

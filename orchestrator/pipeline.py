@@ -91,6 +91,14 @@ def _tokenizer(cfg: PressoConfig, source: Path | None):
     return tokenizer, len(tokenizer)
 
 
+def describe(algorithm) -> str:
+    """``rtn(bits=4, group_size=128, symmetric=True)``: the algorithm and its settings."""
+    from dataclasses import fields
+
+    settings = ", ".join(f"{f.name}={getattr(algorithm, f.name)}" for f in fields(algorithm))
+    return f"{algorithm.name}({settings})"
+
+
 def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run the requested and enabled ``stages`` of a validated config; returns the summary."""
     from presso.orchestrator import data, models
@@ -204,7 +212,7 @@ def _compress_and_eval(cfg, stages, algorithm, folder, corpus, tokenizer, tracki
         run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
         run.finish()
         summary.update(
-            method=algorithm.name,
+            method=describe(algorithm),
             artifact=str(artifact),
             artifact_bytes=info.artifact_bytes,
             avg_bits=info.avg_bits,

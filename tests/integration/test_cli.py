@@ -35,7 +35,7 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "presso summary" in proc.stdout and "compressed_ppl" in proc.stdout
+    assert "perplexity" in proc.stdout and "registered: cli-test-compressed" in proc.stdout
 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("cli-test")
