@@ -129,8 +129,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """``(parameter, rank in force)`` for every low-rank parameter that has a subspace."""
         out = []
         for p, _ in self.params_with_groups():
-            proj = Projection.from_state(self.state.get(p, {}))
-            side = proj.left if proj.left is not None else proj.right
+            state = self.state.get(p, {})
+            side = state.get("proj_left", state.get("proj_right"))
             if side is not None:
                 out.append((p, side.shape[1]))
         return out

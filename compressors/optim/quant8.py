@@ -59,12 +59,10 @@ def code_book(kind: str, signed: bool, device: torch.device | str = "cpu") -> to
     return _code_book(kind, signed).to(device)
 
 
-def _nearest(book: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level of sorted ``book`` for each value of ``x`` (ties go down)."""
-    hi = torch.searchsorted(book, x).clamp_(1, book.numel() - 1)
-    lo = hi - 1
-    take_lo = (x - book[lo]) <= (book[hi] - x)
-    return torch.where(take_lo, lo, hi)
+@functools.cache
+def _midpoints(kind: str, signed: bool) -> torch.Tensor:
+    book = _code_book(kind, signed)
+    return (book[1:] + book[:-1]) / 2
 
 
 def quantize_blockwise(
@@ -72,7 +70,8 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to ``(codes, absmax)``: uint8 codes shaped like ``x`` and one fp32 absmax per
     block of ``BLOCK`` values (in row-major order). Non-negative ``x`` should use ``signed=False``."""
-    book = code_book(kind, signed, x.device)
+    # The nearest level's index is the number of midpoints below the value (ties go down).
+    mids = _midpoints(kind, signed).to(x.device)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     n_blocks = max(1, -(-n // BLOCK))
@@ -84,7 +83,7 @@ def quantize_blockwise(
     for start in range(0, n_blocks, _CHUNK_BLOCKS):
         stop = start + _CHUNK_BLOCKS
         normed = blocks[start:stop] / safe[start:stop, None]
-        codes[start:stop] = _nearest(book, normed).to(torch.uint8)
+        codes[start:stop] = torch.searchsorted(mids, normed).to(torch.uint8)
     return codes.view(-1)[:n].view(x.shape), absmax
 
 
