@@ -1,0 +1,325 @@
+"""The DDP comm hook that compresses gradients per layer, with error feedback and L-GreCo.
+
+Lifecycle of one step, per DDP bucket (``communicate``):
+
+* all state is keyed by parameter name, never by bucket index, because DDP regroups its buckets
+  after the first iteration;
+* 1-D, tiny (``min_numel``) and empty tensors, and matrices no setting of the family could
+  shrink (a ``1 x n`` matrix for PowerSGD), go in one dense flat all-reduce per bucket, issued
+  first so it overlaps the compression work;
+* each compressed layer adds its error-feedback buffer to its gradient, the family exchanges the
+  results (PowerSGD: two all-reduces; top-k and quantization: one all-gather), and the buffer keeps
+  what this worker's own share left out: ``error = input - own share``;
+* during the first ``warmup_steps`` steps the whole bucket is all-reduced dense.
+
+Every collective goes through ``_all_reduce`` / ``_all_gather`` / ``_broadcast``, which count the
+bytes this worker hands over (``CommStats``), so the byte count is the payload actually sent.
+
+A non-finite value (NaN/inf) in a layer's input or aggregated result *skips* that layer's state
+update for the step: its error-feedback buffer, PowerSGD warm-start ``Q`` and L-GreCo measurement
+are left as they were (nothing is reset), and ``end_step`` issues one warning naming the layers.
+The non-finite average itself is returned to DDP, so the training loop's own guard (e.g. skipping
+the optimizer step) still sees it. The checks are tensor ops, so the hook never syncs a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from presso import IntegrityError
+from presso.compressors.gradient import lgreco
+from presso.compressors.gradient.accounting import CommStats, payload_bytes
+from presso.compressors.gradient.config import Family, GradCompressionConfig, Method
+from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, power_step
+from presso.compressors.gradient.quant import Quantize
+from presso.compressors.gradient.topk import TopK
+
+
+class Communicator:
+    """Compressed gradient exchange for one DDP model. Build with :func:`build_communicator`."""
+
+    def __init__(self, cfg: GradCompressionConfig, ddp_model, process_group=None):
+        self.cfg = cfg
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.family = {
+            Family.powersgd: PowerSGD(),
+            Family.topk: TopK(),
+            Family.quant: Quantize(cfg.bucket_size),
+        }[cfg.family]
+        self.schedule = lgreco.Schedule(cfg.warmup_steps, cfg.adjust_every, cfg.measure_steps)
+        self.adaptive = cfg.method is Method.lgreco
+        params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
+        self.names = {id(p): n for n, p in params}
+        self.shapes = {n: p.shape for n, p in params}
+        self.device = params[0][1].device if params else torch.device("cpu")
+        self.index = {n: i for i, (n, _) in enumerate(params)}  # seeds streams per layer
+        self.choice: dict[str, float] = {}  # compressed layers -> parameter in force
+        self.candidates: dict[str, list] = {}  # compressed layers -> L-GreCo's candidates
+        self._plan_layers(params)
+        self.error: dict[str, torch.Tensor] = {}  # error-feedback buffers, flat fp32
+        self.q: dict[str, torch.Tensor] = {}  # PowerSGD warm-start Q
+        self.acc: dict[str, torch.Tensor] = {}  # L-GreCo measurement: summed inputs
+        self._nonfinite: dict[str, torch.Tensor] = {}  # layer -> bool tensor, this step
+        self.stats = CommStats()
+        self.step = 0  # finished optimizer steps
+
+    def _plan_layers(self, params) -> None:
+        """Choose compressed layers and clamp the default; warn once for every clamped layer."""
+        default = self.cfg.default()
+        clamped = []
+        for name, p in params:
+            if p.dim() < 2 or p.numel() == 0 or p.numel() < self.cfg.min_numel:
+                continue
+            if self.family.payload_bytes(p.shape, self.family.least) >= payload_bytes(p):
+                continue  # no setting could save bytes here (e.g. a 1 x n matrix for PowerSGD)
+            value = self.family.clamp(p.shape, default)
+            if value != default:
+                clamped.append(f"{name}→{value}")
+            self.choice[name] = value
+            cands = {self.family.clamp(p.shape, c) for c in self.cfg.candidates()} | {value}
+            self.candidates[name] = sorted(cands)
+        if clamped:
+            warnings.warn(
+                f"grad_compression: {self.cfg.family.value} parameter {default} is more than "
+                f"{len(clamped)} layer(s) allow; clamped: {', '.join(clamped)}",
+                stacklevel=3,
+            )
+
+    def register(self, ddp_model) -> None:
+        """Install the comm hook on ``ddp_model`` (DDP allows one hook per model)."""
+        ddp_model.register_comm_hook(self, _comm_hook)
+
+    def choices(self) -> dict[str, float]:
+        """Parameter in force per compressed layer (rank, density or bits), by parameter name.
+        During the warm-up this is the plan compression will start with."""
+        return {n: float(v) for n, v in self.choice.items()}
+
+    # ---- collectives: the only places bytes leave this worker --------------------------------
+
+    def _all_reduce(self, t: torch.Tensor, async_op: bool = False):
+        self.stats.record(payload_bytes(t), 0)
+        return dist.all_reduce(t, group=self.group, async_op=async_op)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        self._all_reduce(t)
+        return t
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.stats.record(payload_bytes(t), 0)
+        out = t.new_empty(self.world * t.numel())
+        dist.all_gather_single(out, t, group=self.group)
+        return out.view(self.world, -1)
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        if self.rank == 0:
+            self.stats.record(payload_bytes(t), 0)
+        dist.broadcast(t, group_src=0, group=self.group)
+
+    # ---- one bucket --------------------------------------------------------------------------
+
+    def communicate(self, bucket) -> torch.futures.Future:
+        buf = bucket.buffer()
+        self.stats.record(0, payload_bytes(buf))
+        named = [(self.names[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        if self.step < self.cfg.warmup_steps:
+            self._measure({n: g.reshape(-1).float() for n, g in named if n in self.choice})
+            self._all_reduce(buf)
+            buf.div_(self.world)
+            return _done(buf)
+        flat = [g for n, g in named if n not in self.choice]
+        flat_buf = torch.cat([g.reshape(-1) for g in flat]) if flat else None
+        pending = self._all_reduce(flat_buf, async_op=True) if flat_buf is not None else None
+        layers = [n for n, _ in named if n in self.choice]
+        grads = {n: g for n, g in named}
+        inputs = {n: grads[n].reshape(-1).float() + self._error(n, grads[n]) for n in layers}
+        if layers:
+            exchange = (
+                self._exchange_low_rank
+                if isinstance(self.family, PowerSGD)
+                else self._exchange_gathered
+            )
+            means, shares = exchange(layers, inputs)
+            ok = {}
+            for n in layers:
+                ok[n] = torch.isfinite(means[n]).all() & torch.isfinite(inputs[n]).all()
+                self.error[n] = torch.where(ok[n], inputs[n] - shares[n], self.error[n])
+                prev = self._nonfinite.get(n)
+                self._nonfinite[n] = ~ok[n] if prev is None else prev | ~ok[n]
+                grads[n].copy_(means[n].view_as(grads[n]))
+            self._measure(inputs, ok)
+        if pending is not None:
+            pending.wait()
+            flat_buf.div_(self.world)
+            for g, chunk in zip(flat, flat_buf.split([g.numel() for g in flat])):
+                g.copy_(chunk.view_as(g))
+        return _done(buf)
+
+    def _error(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if name not in self.error:
+            self.error[name] = torch.zeros(grad.numel(), device=grad.device)
+        return self.error[name]
+
+    def _exchange_low_rank(self, layers, inputs):
+        """Means and own shares of the layers through PowerSGD's two all-reduces."""
+        matrices = [inputs[n].view(matrix_shape(self.shapes[n])) for n in layers]
+        qs = [self._q(n, m.device) for n, m in zip(layers, matrices)]
+        p_hats, q_locals, q_sums = power_step(matrices, qs, self._sum)
+        means, shares = {}, {}
+        for n, p, q_local, q_sum in zip(layers, p_hats, q_locals, q_sums):
+            q_mean = q_sum / self.world
+            self.q[n] = torch.where(torch.isfinite(q_mean).all(), q_mean, self.q[n])
+            means[n] = (p @ q_mean.T).reshape(-1)
+            shares[n] = (p @ q_local.T).reshape(-1)
+        return means, shares
+
+    def _q(self, name: str, device) -> torch.Tensor:
+        rank = int(self.choice[name])
+        old = self.q.get(name)
+        if old is None or old.shape[1] != rank:
+            # Shared seed: every worker starts from the same Q; keep the warm columns on a rank change.
+            fresh = self.family.initial_q(self.shapes[name], rank, self._seed(name, -1)).to(device)
+            if old is not None:
+                keep = min(rank, old.shape[1])
+                fresh[:, :keep] = old[:, :keep]
+            self.q[name] = fresh
+        return self.q[name]
+
+    def _exchange_gathered(self, layers, inputs):
+        """Means and own shares of the layers through one all-gather of all their payloads."""
+        payloads = [
+            self.family.encode(inputs[n], self.choice[n], self._seed(n, self.step)) for n in layers
+        ]
+        gathered = self._all_gather(torch.cat(payloads))
+        means, shares = {}, {}
+        offset = 0
+        for n, payload in zip(layers, payloads):
+            x = inputs[n]
+            shares[n] = torch.zeros_like(x)
+            self.family.decode_add(payload, self.choice[n], shares[n])
+            total = torch.zeros_like(x)
+            for r in range(self.world):  # rank order: every worker sums in the same order
+                chunk = gathered[r, offset : offset + payload.numel()]
+                self.family.decode_add(chunk, self.choice[n], total)
+            means[n] = total / self.world
+            offset += payload.numel()
+        return means, shares
+
+    def _seed(self, name: str, step: int) -> int:
+        """Independent stream per (seed, step, worker, layer); step -1 is the rank-shared init."""
+        rank = 0 if step < 0 else self.rank
+        key = f"{self.cfg.seed}/{step}/{rank}/{self.index[name]}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")
+
+    # ---- L-GreCo ------------------------------------------------------------------------------
+
+    def _measure(self, inputs: dict[str, torch.Tensor], ok: dict | None = None) -> None:
+        if not self.adaptive or not self.schedule.measuring(self.step):
+            return
+        for n, x in inputs.items():
+            add = x if ok is None else torch.where(ok[n], x, torch.zeros_like(x))
+            self.acc[n] = self.acc[n] + add if n in self.acc else add.clone()
+
+    def _adjust(self) -> None:
+        """Measure every candidate on the summed inputs, let rank 0 solve, broadcast the plan."""
+        layers = list(self.choice)
+        width = max(len(self.candidates[n]) for n in layers)
+        table = torch.zeros(len(layers), width, dtype=torch.float64)
+        for i, n in enumerate(layers):
+            acc = self.acc.get(n)
+            if acc is not None:
+                grad = acc.view(self.shapes[n]).cpu()
+                table[i, : len(self.candidates[n])] = torch.tensor(
+                    self.family.errors(grad, self.candidates[n]), dtype=torch.float64
+                )
+        table = self._sum(table.to(self.device)).cpu()  # every worker's error, summed
+        picks = torch.zeros(len(layers), dtype=torch.int64)
+        if self.rank == 0:
+            cands = [self.candidates[n] for n in layers]
+            sizes = [
+                [self.family.payload_bytes(self.shapes[n], c) for c in cs]
+                for n, cs in zip(layers, cands)
+            ]
+            errors = [table[i, : len(cs)].tolist() for i, cs in enumerate(cands)]
+            reference = [
+                cs.index(self.family.clamp(self.shapes[n], self.cfg.default()))
+                for n, cs in zip(layers, cands)
+            ]
+            picks = torch.tensor(lgreco.plan(sizes, errors, reference, self.cfg.alpha))
+        picks = picks.to(self.device)
+        self._broadcast(picks)
+        for n, k in zip(layers, picks.tolist()):
+            self.choice[n] = self.candidates[n][k]
+        self.acc.clear()
+
+    # ---- step boundary and checkpoints --------------------------------------------------------
+
+    def end_step(self) -> dict[str, float]:
+        """Close the optimizer step: warn about skipped layers, re-plan when due, return metrics
+        (bytes this worker sent, dense-equivalent bytes, ratio, and ``comm/choice/<param>``)."""
+        bad = [n for n, flag in self._nonfinite.items() if bool(flag)]
+        self._nonfinite.clear()
+        if bad:
+            warnings.warn(
+                f"grad_compression: non-finite gradient at step {self.step} in {len(bad)} "
+                f"layer(s) ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); their "
+                "error-feedback and warm-start state were left unchanged for this step",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        dense_phase = self.step < self.cfg.warmup_steps
+        self.step += 1
+        if self.adaptive and self.choice and self.schedule.due(self.step):
+            self._adjust()
+        metrics = self.stats.end_step()
+        metrics["comm/dense_phase"] = float(dense_phase)
+        metrics.update({f"comm/choice/{n}": v for n, v in self.choices().items()})
+        return metrics
+
+    def state_dict(self) -> dict:
+        """This worker's state (error feedback is per worker: save one per rank). Tensors and
+        plain Python only, so ``torch.load(..., weights_only=True)`` reads it."""
+        return {
+            "step": self.step,
+            "choice": dict(self.choice),
+            "error": {n: t.detach().cpu().clone() for n, t in self.error.items()},
+            "q": {n: t.detach().cpu().clone() for n, t in self.q.items()},
+            "acc": {n: t.detach().cpu().clone() for n, t in self.acc.items()},
+            "totals": [self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["choice"]) ^ set(self.choice)
+        if unknown:
+            raise IntegrityError(
+                f"grad_compression state does not match this model: layers {sorted(unknown)[:5]} "
+                "differ; resume with the model and config the state was saved with"
+            )
+        for n, t in state["error"].items():
+            if t.numel() != self.shapes[n].numel():
+                raise IntegrityError(
+                    f"grad_compression state: {n} has {t.numel()} values, "
+                    f"the model's parameter {self.shapes[n].numel()}"
+                )
+        self.step = int(state["step"])
+        self.choice = dict(state["choice"])
+        for key in ("error", "q", "acc"):
+            setattr(self, key, {n: t.to(self.device, copy=True) for n, t in state[key].items()})
+        self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes = state[
+            "totals"
+        ]
+
+
+def _comm_hook(comm, bucket):  # unannotated: DDP rejects string annotations
+    return comm.communicate(bucket)
+
+
+def _done(tensor: torch.Tensor) -> torch.futures.Future:
+    fut = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut

@@ -1,0 +1,131 @@
+"""torch's built-in ``powerSGD_hook`` as the peer baseline, with the same communicator interface.
+
+torch's hook hides its collectives, so bytes are counted analytically from its own rule, per bucket,
+before delegating to it: while ``state.iter < start_powerSGD_iter`` it all-reduces the bucket dense;
+afterwards each gradient viewed as ``[shape[0], -1]`` with rank ``r = min(rows, cols, rank)`` is
+compressed iff torch's ``_should_compress`` says so, sending ``(rows + cols) x r`` values (its ``P``
+and ``Q`` all-reduces), and every other gradient goes into its dense flat all-reduce. Values have
+the bucket's element size. Test ``test_torch_powersgd_bytes`` checks this count against a spy on
+``torch.distributed.all_reduce``.
+
+torch keys its error-feedback and warm-start state by bucket index, which is why it needs
+``start_powerSGD_iter >= 2`` (DDP regroups buckets after the first iteration); warm-up shorter than
+2 steps is raised to 2. Resuming restores that state into the same bucket indices, so it is exact
+only when the resumed run's buckets after its first iteration match the saved run's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
+
+from presso import UnsupportedError
+from presso.compressors.gradient.accounting import CommStats, payload_bytes
+from presso.compressors.gradient.config import GradCompressionConfig
+from presso.compressors.gradient.powersgd import matrix_shape
+
+
+class TorchPowerSGDCommunicator:
+    """Wraps ``torch...powerSGD_hook``; uniform ``cfg.rank``, torch's ``min_compression_rate=2``."""
+
+    def __init__(self, cfg: GradCompressionConfig, ddp_model, process_group=None):
+        self.state = torch_psgd.PowerSGDState(
+            process_group=process_group,
+            matrix_approximation_rank=cfg.rank,
+            start_powerSGD_iter=max(2, cfg.warmup_steps),
+            random_seed=cfg.seed,
+        )
+        self.stats = CommStats()
+        self.step = 0
+        self.params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
+        empty = [n for n, p in self.params if not p.numel()]
+        if empty:
+            raise UnsupportedError(
+                f"torch's powerSGD_hook cannot handle zero-size parameters ({', '.join(empty)}); "
+                "use grad_compression.method: powersgd (Presso's PowerSGD handles them)"
+            )
+
+    def _compressed(self, shape: torch.Size) -> int:
+        """Rank torch uses for a gradient of ``shape``, or 0 when it sends it dense."""
+        if not torch.Size(shape).numel():
+            return 0
+        rows, cols = matrix_shape(shape)
+        rank = min(rows, cols, self.state.matrix_approximation_rank)
+        return (
+            rank
+            if torch_psgd._should_compress(rows, cols, rank, self.state.min_compression_rate)[0]
+            else 0
+        )
+
+    def bucket_bytes(self, bucket) -> int:
+        """Bytes torch's hook hands to its collectives for this bucket (see module docstring)."""
+        buf = bucket.buffer()
+        if self.state.iter < self.state.start_powerSGD_iter:
+            return payload_bytes(buf)
+        values = 0
+        for grad in bucket.gradients():
+            rank = self._compressed(grad.shape)
+            rows, cols = matrix_shape(grad.shape)
+            values += (rows + cols) * rank if rank else grad.numel()
+        return values * buf.element_size()
+
+    def communicate(self, bucket) -> torch.futures.Future:
+        self.stats.record(self.bucket_bytes(bucket), payload_bytes(bucket.buffer()))
+        fut = torch_psgd.powerSGD_hook(self.state, bucket)
+        # torch's hook blocks on collectives inside gloo callbacks; with several buckets in flight
+        # those callbacks can occupy all of gloo's worker threads and deadlock (seen with tiny
+        # buckets). One bucket at a time is the schedule Presso's own communicator uses too.
+        fut.wait()
+        return fut
+
+    def register(self, ddp_model) -> None:
+        ddp_model.register_comm_hook(self, _comm_hook)
+
+    def choices(self) -> dict[str, float]:
+        return {n: float(r) for n, p in self.params if (r := self._compressed(p.shape))}
+
+    def end_step(self) -> dict[str, float]:
+        dense_phase = self.step < self.state.start_powerSGD_iter
+        self.step += 1
+        metrics = self.stats.end_step()
+        metrics["comm/dense_phase"] = float(dense_phase)
+        metrics.update({f"comm/choice/{n}": v for n, v in self.choices().items()})
+        return metrics
+
+    def state_dict(self) -> dict:
+        """torch's per-bucket buffers, iteration and numpy RNG, as tensors and plain Python."""
+        s = self.state
+        _, keys, pos, has_gauss, gauss = s.rng.get_state()
+        return {
+            "step": self.step,
+            "iter": s.iter,
+            "error": {k: v.cpu().clone() for k, v in s.error_dict.items()},
+            "p": {k: v.cpu().clone() for k, v in s.p_memory_dict.items()},
+            "q": {k: v.cpu().clone() for k, v in s.q_memory_dict.items()},
+            "rng": [
+                torch.from_numpy(keys.astype(np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(gauss),
+            ],
+            "totals": [self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.state
+        device = self.params[0][1].device if self.params else torch.device("cpu")
+        self.step = int(state["step"])
+        s.iter = int(state["iter"])
+        s.error_dict = {k: v.to(device) for k, v in state["error"].items()}
+        s.p_memory_dict = {k: v.to(device) for k, v in state["p"].items()}
+        s.q_memory_dict = {k: v.to(device) for k, v in state["q"].items()}
+        keys, pos, has_gauss, gauss = state["rng"]
+        s.rng.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes = state[
+            "totals"
+        ]
+
+
+def _comm_hook(comm, bucket):  # unannotated: DDP rejects string annotations
+    return comm.communicate(bucket)
