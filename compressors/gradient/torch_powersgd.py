@@ -10,8 +10,11 @@ the bucket's element size. Test ``test_torch_powersgd_bytes`` checks this count 
 
 torch keys its error-feedback and warm-start state by bucket index, which is why it needs
 ``start_powerSGD_iter >= 2`` (DDP regroups buckets after the first iteration); warm-up shorter than
-2 steps is raised to 2. Resuming restores that state into the same bucket indices, so it is exact
-only when the resumed run's buckets after its first iteration match the saved run's.
+2 steps is raised to 2. A resumed run starts again from DDP's first-iteration layout, so this
+wrapper saves that state per parameter and, whenever a bucket index arrives holding other
+parameters than torch's state for it describes, re-assembles the entry from per-parameter pieces
+(error: the bucket's flat layout; ``Q``: torch's order, compressed tensors grouped by matrix shape).
+That makes resume exact.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ class TorchPowerSGDCommunicator:
         )
         self.stats = CommStats()
         self.step = 0
+        self.layout: dict[int, tuple[str, ...]] = {}  # bucket index -> names its state covers
+        self.pieces: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> (error, Q)
         self.params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
+        self.names = {id(p): n for n, p in self.params}
+        self.shapes = {n: p.shape for n, p in self.params}
         empty = [n for n, p in self.params if not p.numel()]
         if empty:
             raise UnsupportedError(
@@ -72,12 +79,59 @@ class TorchPowerSGDCommunicator:
 
     def communicate(self, bucket) -> torch.futures.Future:
         self.stats.record(self.bucket_bytes(bucket), payload_bytes(bucket.buffer()))
+        names = tuple(self.names[id(p)] for p in bucket.parameters())
+        if self.layout.get(bucket.index()) != names:
+            self._rekey(bucket.index(), names, bucket.gradients())
         fut = torch_psgd.powerSGD_hook(self.state, bucket)
         # torch's hook blocks on collectives inside gloo callbacks; with several buckets in flight
         # those callbacks can occupy all of gloo's worker threads and deadlock (seen with tiny
         # buckets). One bucket at a time is the schedule Presso's own communicator uses too.
         fut.wait()
         return fut
+
+    def _rekey(self, index: int, names: tuple[str, ...], grads: list[torch.Tensor]) -> None:
+        """Give torch's state for bucket ``index`` the layout of ``names``, from per-parameter
+        pieces of every entry that covers any of these parameters."""
+        s = self.state
+        for old, old_names in list(self.layout.items()):
+            if set(old_names) & set(names) and old in s.error_dict:
+                self.pieces.update(
+                    self._split(old_names, s.error_dict.pop(old), s.q_memory_dict.pop(old))
+                )
+                s.p_memory_dict.pop(old, None)
+            if set(old_names) & set(names):
+                del self.layout[old]
+        self.layout[index] = names
+        if not all(n in self.pieces for n in names):
+            return  # no compression state yet: torch creates it
+        s.error_dict[index] = torch.cat([self.pieces[n][0] for n in names])
+        order = self._q_order(names)
+        s.q_memory_dict[index] = torch.cat(
+            [self.pieces[n][1].reshape(-1) for n in order] or [grads[0].new_zeros(0)]
+        )
+        p_numel = sum(
+            matrix_shape(self.shapes[n])[0] * self._compressed(self.shapes[n]) for n in order
+        )
+        s.p_memory_dict[index] = grads[0].new_empty(p_numel)  # P is recomputed from Q every step
+        for n in names:
+            del self.pieces[n]
+
+    def _q_order(self, names: tuple[str, ...]) -> list[str]:
+        """Compressed parameters in the order torch lays out their Q: grouped by matrix shape."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for n in names:
+            if self._compressed(self.shapes[n]):
+                groups.setdefault(matrix_shape(self.shapes[n]), []).append(n)
+        return [n for group in groups.values() for n in group]
+
+    def _split(self, names, error: torch.Tensor, q: torch.Tensor) -> dict:
+        errors = error.split([self.shapes[n].numel() for n in names])
+        pieces = {n: (e, None) for n, e in zip(names, errors)}
+        order = self._q_order(names)
+        sizes = [matrix_shape(self.shapes[n])[1] * self._compressed(self.shapes[n]) for n in order]
+        for n, chunk in zip(order, q.split(sizes)):
+            pieces[n] = (pieces[n][0], chunk)
+        return pieces
 
     def register(self, ddp_model) -> None:
         ddp_model.register_comm_hook(self, _comm_hook)
@@ -94,15 +148,19 @@ class TorchPowerSGDCommunicator:
         return metrics
 
     def state_dict(self) -> dict:
-        """torch's per-bucket buffers, iteration and numpy RNG, as tensors and plain Python."""
+        """torch's state per parameter (error, Q), its iteration and numpy RNG, as tensors and
+        plain Python."""
         s = self.state
+        pieces = dict(self.pieces)
+        for index, names in self.layout.items():
+            if index in s.error_dict:
+                pieces.update(self._split(names, s.error_dict[index], s.q_memory_dict[index]))
         _, keys, pos, has_gauss, gauss = s.rng.get_state()
         return {
             "step": self.step,
             "iter": s.iter,
-            "error": {k: v.cpu().clone() for k, v in s.error_dict.items()},
-            "p": {k: v.cpu().clone() for k, v in s.p_memory_dict.items()},
-            "q": {k: v.cpu().clone() for k, v in s.q_memory_dict.items()},
+            "error": {n: e.cpu().clone() for n, (e, _) in pieces.items()},
+            "q": {n: q.cpu().clone() for n, (_, q) in pieces.items() if q is not None},
             "rng": [
                 torch.from_numpy(keys.astype(np.int64)),
                 int(pos),
@@ -117,9 +175,12 @@ class TorchPowerSGDCommunicator:
         device = self.params[0][1].device if self.params else torch.device("cpu")
         self.step = int(state["step"])
         s.iter = int(state["iter"])
-        s.error_dict = {k: v.to(device) for k, v in state["error"].items()}
-        s.p_memory_dict = {k: v.to(device) for k, v in state["p"].items()}
-        s.q_memory_dict = {k: v.to(device) for k, v in state["q"].items()}
+        s.error_dict.clear(), s.p_memory_dict.clear(), s.q_memory_dict.clear()
+        self.layout.clear()
+        self.pieces = {
+            n: (e.to(device), state["q"][n].to(device) if n in state["q"] else None)
+            for n, e in state["error"].items()
+        }
         keys, pos, has_gauss, gauss = state["rng"]
         s.rng.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes = state[

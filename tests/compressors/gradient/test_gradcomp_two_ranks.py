@@ -244,19 +244,48 @@ def test_ddp_regroups_buckets_and_state_follows_parameters(runs):
     assert layouts[1:] == [layouts[1]] * (STEPS - 1)
 
 
-@pytest.mark.parametrize("name", ["powersgd", "topk", "quant", "lgreco_topk"])
-def test_error_feedback_conserves_the_gradient(runs, name):
-    """Error feedback must lose nothing: summed over workers, what each sent (input minus its new
-    residual) equals world x the mean every worker received. A residual taken against the mean
-    instead of the worker's own share, or one kept for the wrong layer, breaks this."""
-    ef0, ef1 = runs[0][name]["ef"], runs[1][name]["ef"]
-    assert set(ef0) == set(COMPRESSED)
+def _check_own_share(family, value, layer, inp, res):
+    """``inp - res`` must be this worker's own compressed message, not the all-worker mean."""
+    share = inp - res
+    rows, cols = COMPRESSED[layer]
+    if family == "quant":  # every bucket holds at most 2**bits grid values (up to fp32 noise)
+        for bucket in share.split(BUCKET):
+            spread = bucket.max() - bucket.min()
+            levels = torch.round((bucket - bucket.min()) / (spread * 1e-4 + 1e-30)).unique()
+            assert levels.numel() <= 2**value, layer
+        return
+    # PowerSGD's share is an orthogonal projection of the input, top-k's a restriction of it:
+    # either way the residual is orthogonal to the share.
+    assert abs(float(share @ res)) <= 1e-5 * float(share.norm() * res.norm()) + 1e-12, layer
+    if family == "topk":
+        kept = share != 0
+        assert int(kept.sum()) <= math.ceil(value * rows * cols), layer
+        assert torch.equal(share[kept], inp[kept]) and not res[kept].any(), layer
+    else:
+        assert int((torch.linalg.svdvals(share.view(rows, cols)) > 1e-6).sum()) <= value, layer
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("powersgd", "powersgd"), ("topk", "topk"), ("quant", "quant"), ("lgreco_topk", "topk")],
+)
+def test_error_feedback_keeps_exactly_what_was_left_out(runs, name, family):
+    """Error feedback must lose nothing: each worker's residual is its input minus its *own*
+    compressed message (checked by that message's structure: a rank-r projection, k kept entries,
+    or bucket grid values), and summed over workers the messages equal world x the mean every
+    worker received. A residual taken against the mean (torch's variant), or one kept for the
+    wrong layer, breaks one of these."""
+    ef = [runs[rank][name]["ef"] for rank in (0, 1)]
+    plan = runs[0][name]["metrics"][EF_STEP - 1]  # choices in force during EF_STEP
+    assert set(ef[0]) == set(COMPRESSED)
     for layer in COMPRESSED:
-        (in0, res0, mean0), (in1, res1, mean1) = ef0[layer], ef1[layer]
+        (in0, res0, mean0), (in1, res1, mean1) = ef[0][layer], ef[1][layer]
         assert torch.equal(mean0, mean1)
         sent = (in0 - res0) + (in1 - res1)
         assert torch.allclose(sent, 2 * mean0, rtol=1e-5, atol=1e-6 * in0.abs().max()), layer
-    assert any(ef0[layer][1].abs().sum() > 0 for layer in COMPRESSED)  # something was left out
+        for inp, res in ((in0, res0), (in1, res1)):
+            _check_own_share(family, plan[f"comm/choice/{layer}"], layer, inp, res)
+    assert any(ef[0][layer][1].abs().sum() > 0 for layer in COMPRESSED)  # something was left out
 
 
 @pytest.mark.parametrize(
