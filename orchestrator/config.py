@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from presso import ConfigError
+from presso.compressors.gradient import GradCompressionConfig, Method
+from presso.compressors.optim import OptimizerConfig
 
 
 @dataclass
@@ -51,11 +53,8 @@ class ModelConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to 10 % of lr
+class DeepSpeedConfig:
+    zero_stage: int = 2  # ZeRO stage 1 (optimizer state sharded) or 2 (+ gradients)
 
 
 @dataclass
@@ -71,7 +70,11 @@ class TrainConfig:
     eval_batches: int = 8  # val batches per worker per evaluation
     checkpoint_every: int = 100
     max_failures: int = 1  # Ray Train restarts a failed worker group this often, from a checkpoint
+    warmup_steps: int = 20  # linear learning-rate warm-up, then cosine decay to 10 % of the peak
+    engine: str = "ddp"  # ddp | deepspeed
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grad_compression: GradCompressionConfig = field(default_factory=GradCompressionConfig)
 
 
 @dataclass
@@ -187,9 +190,11 @@ def validate(cfg: PressoConfig) -> None:
     _positive("train", workers=t.workers, threads_per_worker=t.threads_per_worker, steps=t.steps)
     _positive("train", batch_size=t.batch_size, seq_len=t.seq_len, eval_every=t.eval_every)
     _positive("train", eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every)
-    _positive("train.optimizer", lr=t.optimizer.lr)
-    if t.max_failures < 0:
-        raise ConfigError(f"train.max_failures: must be >= 0, got {t.max_failures}")
+    if t.max_failures < 0 or t.warmup_steps < 0:
+        raise ConfigError("train.max_failures and train.warmup_steps: must be >= 0")
+    t.optimizer.validate("train.optimizer")
+    t.grad_compression.validate("train.grad_compression")
+    _validate_engine(t)
     _positive("eval", seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
     _positive("compress", workers=c.workers)
     m = cfg.model.scratch
@@ -208,6 +213,26 @@ def validate(cfg: PressoConfig) -> None:
     if overlap:
         raise ConfigError(f"data.test_works: {sorted(overlap)} also in data.val_works")
     recipe_algorithms(cfg)  # builds every recipe step, so a bad one fails here
+
+
+def _validate_engine(t: TrainConfig) -> None:
+    if t.engine not in ("ddp", "deepspeed"):
+        raise ConfigError(f"train.engine: expected ddp or deepspeed, got {t.engine!r}")
+    if t.grad_compression.method is Method.galore and not t.optimizer.name.startswith("galore"):
+        raise ConfigError(
+            "train.grad_compression.method: galore all-reduces GaLore's projected gradients; "
+            f"it needs train.optimizer.name galore or galore8bit, got {t.optimizer.name}"
+        )
+    if t.engine == "deepspeed":
+        if t.deepspeed.zero_stage not in (1, 2):
+            raise ConfigError(
+                f"train.deepspeed.zero_stage: expected 1 or 2, got {t.deepspeed.zero_stage}"
+            )
+        if t.grad_compression.method is not Method.none or t.optimizer.name != "adamw":
+            raise ConfigError(
+                "train.engine: deepspeed runs its own ZeRO reduction with AdamW; set "
+                "train.grad_compression.method=none and train.optimizer.name=adamw, or use ddp"
+            )
 
 
 def recipe_algorithms(cfg: PressoConfig) -> list:

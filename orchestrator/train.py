@@ -1,15 +1,17 @@
 """The train stage: data-parallel training of a causal LM on Ray Train workers.
 
-Each worker builds the same model, wraps it in DDP (gloo on CPUs, nccl on GPUs) and steps through
-batches that depend only on ``(seed, step, rank)``. Rank 0 logs to MLflow and writes checkpoints
-(with a sha256 manifest) through ``ray.train.report``; a restarted worker group resumes from the
-latest one.
+Each worker builds the same model and hands it to an engine (DDP with an optional compressing
+comm hook, or DeepSpeed ZeRO; gloo on CPUs, nccl on GPUs), then steps through batches that depend
+only on ``(seed, step, rank)``. Rank 0 logs to MLflow; every rank writes its part of each
+checkpoint (sha256 manifests) through ``ray.train.report``, and a restarted worker group resumes
+from the latest complete one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import resource
 import shutil
 import tempfile
@@ -21,19 +23,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from presso.compressors.integrity import verify_manifest, write_manifest
+from presso.orchestrator import checkpoint
 from presso.orchestrator.config import PressoConfig, TrainConfig, to_dict
 from presso.orchestrator.data import train_batch, windows
+from presso.orchestrator.engine import build_engine
 from presso.orchestrator.models import build_scratch, load_pretrained
 from presso.orchestrator.tracking import RunLogger
-
-STATE = "state.pt"
-FINAL_MODEL = "model"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak learning rate."""
-    peak, warm = cfg.optimizer.lr, cfg.optimizer.warmup_steps
+    peak, warm = cfg.optimizer.lr, cfg.warmup_steps
     if step < warm:
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, cfg.steps - warm)
@@ -79,23 +79,24 @@ def replicas_identical(model: torch.nn.Module) -> bool:
     return len(set(digests)) == 1
 
 
-def _save_checkpoint(folder: Path, model, optimizer, step: int, final: bool) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "rng": torch.get_rng_state(),
-    }
-    torch.save(state, folder / STATE)
-    if final:
-        model.save_pretrained(folder / FINAL_MODEL)
-    write_manifest(folder)
+class MetricsBuffer:
+    """Rank 0's metrics, sent to MLflow in batches (every 10 steps and at each evaluation)."""
+
+    def __init__(self, logger: RunLogger | None) -> None:
+        self.logger, self.pending = logger, []
+
+    def add(self, values: dict[str, float], step: int, flush: bool = False) -> None:
+        if self.logger is None:
+            return
+        self.pending.append((values, step))
+        if flush or len(self.pending) >= 10:
+            for v, s in self.pending:
+                self.logger.metrics(v, s)
+            self.pending.clear()
 
 
-def _load_checkpoint(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        verify_manifest(Path(d), what="checkpoint")
-        return torch.load(Path(d) / STATE, weights_only=True)
+def _step_metrics(loss: float, lr: float, seconds: float, tokens: int, comm: dict) -> dict:
+    return {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / seconds, **comm}
 
 
 def train_worker(config: dict) -> None:
@@ -103,7 +104,6 @@ def train_worker(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     cfg: PressoConfig = OmegaConf.to_object(OmegaConf.merge(PressoConfig, config["cfg"]))
     t = cfg.train
@@ -112,53 +112,37 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     train_tokens, val_tokens = ray.get(config["train"]), ray.get(config["val"])
-    logger: RunLogger | None = config["logger"] if rank == 0 else None
+    log = MetricsBuffer(config["logger"] if rank == 0 else None)
 
     model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
-    ddp = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.optimizer.lr, weight_decay=t.optimizer.weight_decay
-    )
+    engine = build_engine(model, t, device)
     start = 0
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        state = _load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    if (saved := ray.train.get_checkpoint()) is not None:
+        with saved.as_directory() as d:
+            start = checkpoint.restore(Path(d), engine, rank, world)
         if rank == 0:
             print(f"presso: resumed from the checkpoint at step {start}", flush=True)
+    else:  # the loss before any step: the baseline the curve falls from
+        log.add({"val/loss": _val_loss(model, val_tokens, t, rank, world, device)}, 0)
 
-    pending: list[tuple[dict, int]] = []
-    if start == 0:  # the loss before any step, the baseline the curve falls from
-        initial = _val_loss(model, val_tokens, t, rank, world, device)
-        if logger is not None:
-            pending.append(({"val/loss": initial}, 0))
     tokens_per_step = t.batch_size * t.seq_len * world
     for step in range(start, t.steps):
+        checkpoint.maybe_inject_fault(config["fault"], step, rank, Path(config["markers"]))
         tick = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
         batch = train_batch(train_tokens, step, rank, world, t.batch_size, t.seq_len, cfg.run.seed)
         batch = batch.to(device)
-        logits = ddp(batch[:, :-1]).logits.float()
+        logits = engine(batch[:, :-1]).float()
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-        done = step + 1
+        comm = engine.step(loss, lr_at(step, t))
         (mean_loss,) = _mean_across_ranks(loss.item())
-        metrics = {
-            "train/loss": mean_loss,
-            "train/lr": lr_at(step, t),
-            "train/tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
-        }
-        if done % t.eval_every == 0 or done == t.steps:
+        done = step + 1
+        metrics = _step_metrics(
+            mean_loss, lr_at(step, t), time.perf_counter() - tick, tokens_per_step, comm
+        )
+        evaluate = done % t.eval_every == 0 or done == t.steps
+        if evaluate:
             metrics["val/loss"] = _val_loss(model, val_tokens, t, rank, world, device)
+            metrics["train/optimizer_state_bytes"] = engine.optimizer_state_bytes()
             metrics["train/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if rank == 0:
                 print(
@@ -168,21 +152,14 @@ def train_worker(config: dict) -> None:
                 )
         if done == t.steps:
             metrics["train/replicas_identical"] = float(replicas_identical(model))
-        if logger is not None:
-            pending.append((metrics, done))
-            if len(pending) >= 10 or "val/loss" in metrics:
-                for values, at in pending:
-                    logger.metrics(values, at)
-                pending.clear()
+        log.add(metrics, done, flush=evaluate)
 
         if done % t.checkpoint_every == 0 or done == t.steps:
-            final = done == t.steps
             with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    _save_checkpoint(Path(tmp), model, optimizer, done, final)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": done, **metrics}, checkpoint=checkpoint)
+                checkpoint.save(Path(tmp), engine, done, rank, world, final=done == t.steps)
+                ray.train.report(
+                    {"step": done, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+                )
 
 
 def run_training(
@@ -200,6 +177,8 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = out / "ray_train"
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -209,6 +188,8 @@ def run_training(
             "vocab_size": vocab_size,
             "source": str(source) if source else None,
             "logger": logger,
+            "fault": os.environ.get("PRESSO_INJECT_FAULT"),  # test hook: "RANK:STEP"
+            "markers": str(storage / name),
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -217,8 +198,8 @@ def run_training(
             resources_per_worker={"CPU": t.threads_per_worker},
         ),
         run_config=RunConfig(
-            name=f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(out / "ray_train"),
+            name=name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -227,7 +208,6 @@ def run_training(
     result = trainer.fit()
     dest = out / "trained"
     with result.checkpoint.as_directory() as d:
-        verify_manifest(Path(d), what="checkpoint")
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(Path(d) / FINAL_MODEL, dest)
+        shutil.copytree(checkpoint.final_model(Path(d)), dest)
     return dest

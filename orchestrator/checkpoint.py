@@ -1,0 +1,84 @@
+"""Training checkpoints: one folder per rank, each sealed with a sha256 manifest.
+
+A checkpoint holds, for every rank, the engine's state (model, optimizer, compression state:
+error-feedback buffers, per-layer choices, projectors), the step and the RNG state; the data
+position is the step itself, because batches are a function of ``(seed, step, rank)``. A
+checkpoint is resumed only if every rank's folder is present and matches its manifest and it was
+written by the same number of workers; anything else is refused with a message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from presso import IntegrityError
+from presso.compressors.integrity import verify_manifest, write_manifest
+
+FINAL_MODEL = "model"  # the trained model as a Hugging Face folder, in rank 0's final checkpoint
+
+
+def rank_folder(root: Path, rank: int) -> Path:
+    return root / f"rank{rank}"
+
+
+def save(root: Path, engine, step: int, rank: int, world: int, final: bool) -> None:
+    """Write this rank's part of a checkpoint under ``root`` (a local staging folder)."""
+    own = rank_folder(root, rank)
+    own.mkdir(parents=True)
+    engine.save(own)
+    state = {"step": step, "world": world, "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    torch.save(state, own / "train.pt")
+    if final and rank == 0:
+        engine.model.save_pretrained(own / FINAL_MODEL)
+    write_manifest(own)
+
+
+def restore(root: Path, engine, rank: int, world: int) -> int:
+    """Load this rank's state from a complete, verified checkpoint; returns the step."""
+    folders = [rank_folder(root, r) for r in range(world)]
+    for folder in folders:
+        verify_manifest(folder, what="checkpoint")
+    extra = rank_folder(root, world)
+    if extra.exists():
+        raise IntegrityError(
+            f"checkpoint {root} was written by more than {world} workers; resume with the "
+            "same train.workers"
+        )
+    state = torch.load(folders[rank] / "train.pt", weights_only=True)
+    if state["world"] != world:
+        raise IntegrityError(
+            f"checkpoint {root} was written by {state['world']} workers, this run has {world}"
+        )
+    engine.load(folders, rank)
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["step"]
+
+
+def final_model(root: Path) -> Path:
+    folder = rank_folder(root, 0)
+    verify_manifest(folder, what="checkpoint")
+    return folder / FINAL_MODEL
+
+
+def maybe_inject_fault(spec: str | None, step: int, rank: int, markers: Path) -> None:
+    """Test hook: ``spec = "RANK:STEP"`` kills that worker process once, at that step.
+
+    A marker file under ``markers`` (the run's storage folder, shared by the workers) makes the
+    fault happen once, so the restarted worker group runs through.
+    """
+    if not spec:
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":"))
+    marker = markers / f"fault-rank{kill_rank}-step{kill_step}"
+    if rank == kill_rank and step == kill_step and not marker.exists():
+        markers.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        print(f"presso: fault injection: killing rank {rank} at step {step}", flush=True)
+        os._exit(17)
