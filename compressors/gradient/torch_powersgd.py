@@ -15,6 +15,9 @@ wrapper saves that state per parameter and, whenever a bucket index arrives hold
 parameters than torch's state for it describes, re-assembles the entry from per-parameter pieces
 (error: the bucket's flat layout; ``Q``: torch's order, compressed tensors grouped by matrix shape).
 That makes resume exact.
+
+torch's hook calls ``torch.cuda.synchronize(device)`` whenever CUDA is available, so on a machine
+with a GPU it fails for a model kept on the CPU ("Expected a cuda device"); train on the GPU there.
 """
 
 from __future__ import annotations
