@@ -7,6 +7,7 @@ file, a corrupt artifact) prints one line and exits non-zero, with no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from presso import PressoError
@@ -22,6 +23,7 @@ examples:
   presso run jobs/quickstart.yaml train.steps=50    the same, shorter
   presso compress jobs/smollm2_rtn.yaml             compress a pretrained model only
   presso config show jobs/quickstart.yaml           print the resolved config
+  presso submit jobs/quickstart.yaml --address http://HEAD:8265 --working-dir . --follow
 
 environment: RAY_ADDRESS (a Ray cluster; default: a local Ray), MLFLOW_TRACKING_URI (default:
 sqlite under run.output_dir), PRESSO_CACHE (downloads and models; default ~/.cache/presso).
@@ -33,6 +35,34 @@ def _job_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("job", help=JOB_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     return p
+
+
+SUBMIT_EPILOG = """\
+The cluster runs `presso run JOB key=value ...` with the presso installed there (its image, or
+--pip). With --working-dir the folder is uploaded (without .venv, .git, outputs and whatever
+.gitignore lists) and JOB is taken relative to it; without it, JOB must exist on the cluster.
+
+Token authentication (on by default for `ray start --head`): presso sends the token from
+$RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. Get it on the head
+with `ray get-auth-token`. RAY_AUTH_MODE=disabled sends none.
+"""
+
+
+def _submit_parser(sub) -> None:
+    p = _job_parser(sub, "submit", "submit the whole pipeline as a job to a Ray cluster")
+    p.epilog, p.formatter_class = SUBMIT_EPILOG, argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)",
+    )
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only on success")
+    p.add_argument("--working-dir", metavar="DIR", help="upload DIR (e.g. .) as the job's folder")
+    p.add_argument("--pip", action="append", default=[], metavar="PKG", help="install PKG first")
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="set in the job's environment, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_parser(sub, "train", "run only the train stage (Ray Train, data-parallel)")
     _job_parser(sub, "compress", "compress model.source (no training) and register the artifact")
     _job_parser(sub, "eval", "evaluate model.source: test perplexity, bytes, tokens/s")
+    _submit_parser(sub)
     config = sub.add_parser("config", help="inspect job configs")
     config_sub = config.add_subparsers(dest="config_command", metavar="action", required=True)
     _job_parser(config_sub, "show", "print the fully resolved config of a job (YAML)")
@@ -61,6 +92,17 @@ STAGES = {
     "compress": ("compress",),
     "eval": ("eval",),
 }
+
+
+def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from presso.orchestrator.submit import submit
+
+    if not args.address:
+        parser.error("submit: --address (or $RAY_API_SERVER_ADDRESS) is required")
+    return submit(
+        args.job, args.overrides, args.address, working_dir=args.working_dir,
+        pip=args.pip, env=args.env, follow=args.follow,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from presso.orchestrator.config import load_config, to_yaml
 
+        if args.command == "submit":
+            return _submit(parser, args)
         cfg = load_config(args.job, args.overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")

@@ -1,0 +1,170 @@
+"""``presso submit``: run a job on a Ray cluster through its Jobs API (the dashboard, port 8265).
+
+The cluster runs ``presso run JOB overrides`` — the same code path as on a laptop. The config is
+validated here first, so a typo costs a second, not a cluster slot. The code that runs is the
+presso installed on the cluster (its image, or ``--pip``); ``--working-dir`` ships the job files
+and any local data beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from presso import ConfigError, PressoError
+from presso.orchestrator.config import load_config
+
+# Never uploaded with --working-dir: environments, outputs and caches (Ray also honours .gitignore).
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "presso_runs",
+    "mlruns",
+    "mlartifacts",
+    "bench/results",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def cluster_job_path(job: str, working_dir: str | None) -> str:
+    """The job file as the cluster sees it: relative to the uploaded working dir, else as given."""
+    if working_dir is None:
+        return job  # must exist on the cluster, e.g. jobs/... under the image's WORKDIR
+    root = Path(working_dir).resolve()
+    try:
+        return Path(job).resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise ConfigError(
+            f"{job}: not inside --working-dir {working_dir}; the cluster would not see it"
+        ) from None
+
+
+def entrypoint(job: str, overrides: list[str]) -> str:
+    """The shell command the cluster runs, each argument quoted."""
+    return shlex.join(["presso", "run", job, *overrides])
+
+
+def runtime_env(working_dir: str | None, pip: list[str], env: dict[str, str]) -> dict[str, object]:
+    """Ray runtime env: the uploaded folder (big folders excluded), extra packages, env vars."""
+    out: dict[str, object] = {}
+    if working_dir is not None:
+        if not Path(working_dir).is_dir():
+            raise ConfigError(f"--working-dir {working_dir}: no such folder")
+        out["working_dir"] = str(Path(working_dir).resolve())
+        out["excludes"] = EXCLUDES
+    if pip:
+        out["pip"] = list(pip)
+    if env:
+        out["env_vars"] = dict(env)
+    return out
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE, e.g. MLFLOW_TRACKING_URI=...")
+        env[key] = value
+    return env
+
+
+def auth_headers() -> dict[str, str]:
+    """A bearer token for heads with token authentication, which `ray start --head` enables.
+
+    Looked up where Ray's own clients look: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, then
+    ~/.ray/auth_token. Heads without authentication ignore the header; RAY_AUTH_MODE=disabled
+    sends none.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client(address: str):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError:
+        raise PressoError(
+            f"the Ray cluster at {address} refused the request: it needs the token that "
+            "`ray get-auth-token` prints on its head; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+        ) from None
+    except ConnectionError as e:
+        raise PressoError(
+            f"cannot reach the Ray Jobs API at {address} (the dashboard, port 8265): {e}"
+        ) from None
+
+
+async def _print_logs(client, submission_id: str) -> None:
+    async for chunk in client.tail_job_logs(submission_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def stream_until_done(client, submission_id: str, poll_s: float = 1.0) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    try:
+        asyncio.run(_print_logs(client, submission_id))
+    except RuntimeError as e:  # the log stream broke; the job itself may still be fine
+        print(f"presso: log stream interrupted ({e}); waiting for the job", file=sys.stderr)
+    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL:
+        time.sleep(poll_s)
+    return status
+
+
+def submit(
+    job: str,
+    overrides: list[str],
+    address: str,
+    *,
+    working_dir: str | None = None,
+    pip: list[str] = (),
+    env: list[str] = (),
+    follow: bool = False,
+) -> int:
+    """Validate the job locally, submit it, print its submission id; ``follow`` streams its logs.
+
+    Returns the exit status: 0 once submitted (with ``follow``: once it SUCCEEDED), else 1.
+    """
+    load_config(job, overrides)
+    runtime = runtime_env(working_dir, list(pip), parse_env(list(env)))
+    command = entrypoint(cluster_job_path(job, working_dir), list(overrides))
+    client = _client(address)
+    submission_id = client.submit_job(entrypoint=command, runtime_env=runtime)
+    print(submission_id, flush=True)
+    if not follow:
+        print(
+            f"presso: submitted to {address}; follow with "
+            f"`ray job logs --follow --address {address} {submission_id}`",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        status = stream_until_done(client, submission_id)
+    except KeyboardInterrupt:
+        print(
+            f"presso: stopped following; the job goes on (`ray job stop {submission_id}` ends it)",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"presso: job {submission_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
