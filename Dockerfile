@@ -1,0 +1,39 @@
+# The image the k8s/ manifests run: Ray head, Ray workers, the job driver and the MLflow server.
+# Build from the repository root (Docker or any OCI builder):
+#   docker build -t ghcr.io/presso/presso:0.1.0-cpu .
+#   docker build -t ghcr.io/presso/presso:0.1.0-cu128 \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+# The CUDA tag needs only the node's NVIDIA driver: the torch wheel brings the CUDA libraries.
+FROM python:3.11-slim-bookworm
+
+# Pinned as in the Makefile; TORCH_INDEX picks the CPU or a CUDA build of that version.
+ARG TORCH=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+# KubeRay's health probes call wget.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    RAY_USAGE_STATS_ENABLED=0 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    PRESSO_CACHE=/opt/presso/cache
+
+# torch first, then a constraint holding it, so that no dependency of presso replaces it.
+RUN pip install --index-url "$TORCH_INDEX" "$TORCH" \
+    && pip freeze | grep -i '^torch==' > /etc/pip-constraints.txt
+ENV PIP_CONSTRAINT=/etc/pip-constraints.txt
+
+# The job files stay under WORKDIR: RayJob entrypoints say `presso run jobs/<job>.yaml`.
+WORKDIR /app
+COPY . .
+RUN pip install . \
+    && python -c "from presso.orchestrator.data import SHAKESPEARE; \
+from presso.orchestrator.fetch import fetch; fetch(SHAKESPEARE)"
+
+# uid 1000, as in Ray's own images; the pods' fsGroup makes their volumes writable for it.
+RUN useradd --create-home --uid 1000 ray && chown -R ray /opt/presso
+USER 1000
