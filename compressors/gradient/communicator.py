@@ -147,7 +147,7 @@ class Communicator:
             means, shares = exchange(layers, inputs)
             ok = {}
             for n in layers:
-                ok[n] = torch.isfinite(means[n]).all() & torch.isfinite(inputs[n]).all()
+                ok[n] = _finite(means[n], inputs[n])
                 self.error[n] = torch.where(ok[n], inputs[n] - shares[n], self.error[n])
                 prev = self._nonfinite.get(n)
                 self._nonfinite[n] = ~ok[n] if prev is None else prev | ~ok[n]
@@ -173,7 +173,7 @@ class Communicator:
         means, shares = {}, {}
         for n, p, q_local, q_sum in zip(layers, p_hats, q_locals, q_sums):
             q_mean = q_sum / self.world
-            self.q[n] = torch.where(torch.isfinite(q_mean).all(), q_mean, self.q[n])
+            self.q[n] = torch.where(_finite(q_mean), q_mean, self.q[n])
             means[n] = (p @ q_mean.T).reshape(-1)
             shares[n] = (p @ q_local.T).reshape(-1)
         return means, shares
@@ -317,6 +317,13 @@ class Communicator:
 
 def _comm_hook(comm, bucket):  # unannotated: DDP rejects string annotations
     return comm.communicate(bucket)
+
+
+def _finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: no NaN/inf in any of ``tensors``. A sum carries any NaN or inf through,
+    and costs one pass without the bool copy ``isfinite(t).all()`` makes (a sum overflowing
+    past 3e38 would read as non-finite, which only skips a state update)."""
+    return torch.isfinite(sum(t.sum() for t in tensors))
 
 
 def _done(tensor: torch.Tensor) -> torch.futures.Future:
