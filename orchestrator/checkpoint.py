@@ -61,6 +61,28 @@ def restore(root: Path, engine, rank: int, world: int) -> int:
     return state["step"]
 
 
+def check_resumable(root: Path, model: torch.nn.Module, world: int) -> None:
+    """Refuse, before training starts, a checkpoint that is incomplete, tampered with, written by
+    another number of workers, or holding another model's parameters."""
+    if not root.is_dir():
+        raise IntegrityError(f"train.resume_from {root}: no such checkpoint folder")
+    for r in range(world):
+        verify_manifest(rank_folder(root, r), what="checkpoint")
+    if rank_folder(root, world).exists():
+        raise IntegrityError(f"checkpoint {root} was written by more than {world} workers")
+    engine_file = rank_folder(root, 0) / "engine.pt"
+    if engine_file.is_file():  # DDP checkpoints; DeepSpeed checks its own on load
+        saved = torch.load(engine_file, weights_only=True, mmap=True)["model"]
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in saved.items()}
+        if got.keys() != expected.keys() or any(got[k] != expected[k] for k in expected):
+            mismatched = sorted(k for k in expected if got.get(k) != expected[k])[:3]
+            raise IntegrityError(
+                f"checkpoint {root} holds a different model (e.g. {mismatched}); resume it with "
+                "the model config it was trained with"
+            )
+
+
 def final_model(root: Path) -> Path:
     folder = rank_folder(root, 0)
     verify_manifest(folder, what="checkpoint")

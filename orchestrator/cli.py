@@ -108,6 +108,9 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from presso.orchestrator.pipeline import quiet_environment
+
+    quiet_environment()
     if args.version:
         from presso import __version__
 

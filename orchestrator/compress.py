@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from presso.compressors.quant.base import resolve_group_size
+from presso import UnsupportedError
 
 
 @dataclass
@@ -57,6 +57,22 @@ def select_layers(model: torch.nn.Module, ignore: list[str]) -> tuple[list[str],
     return chosen, skipped
 
 
+def check_layers(model: torch.nn.Module, algorithm, ignore: list[str]) -> list[str]:
+    """The layers ``algorithm`` will compress, each checked against it before any work starts
+    (e.g. a group size that does not divide a layer's width)."""
+    names, _ = select_layers(model, ignore)
+    if not names:
+        raise UnsupportedError(
+            f"compress.ignore {ignore} leaves no nn.Linear layer to compress in this model"
+        )
+    check = getattr(algorithm, "check_shape", None)
+    if check is not None:
+        modules = dict(model.named_modules())
+        for name in names:
+            check(*modules[name].weight.shape, name)
+    return names
+
+
 def assign(costs: dict[str, int], workers: int) -> list[list[str]]:
     """Longest-processing-time-first assignment of layers to workers (deterministic)."""
     loads, plan = [0] * workers, [[] for _ in range(workers)]
@@ -95,12 +111,9 @@ def run_compression(
     """Compress every selected linear layer of ``model`` with ``algorithm`` on ``workers`` actors."""
     import ray
 
-    names, skipped = select_layers(model, ignore)
+    names = check_layers(model, algorithm, ignore)
+    _, skipped = select_layers(model, ignore)
     modules = dict(model.named_modules())
-    group_size = getattr(algorithm, "group_size", None)
-    if group_size is not None:
-        for name in names:  # every layer checked before any work starts
-            resolve_group_size(modules[name].weight.shape[1], group_size, name)
     if skipped:
         print(f"presso: leaving {len(skipped)} unsupported modules dense: {', '.join(skipped)}")
 

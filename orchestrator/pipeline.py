@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from presso import ConfigError, UnsupportedError
@@ -23,6 +24,10 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # progress bars belong on a terminal, not in logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already: its bars read the variable once
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else worker lines print twice
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
@@ -81,14 +86,113 @@ def _tokenizer(cfg: PressoConfig, source: Path | None):
 
     if source is None and cfg.data.tokenizer in ("auto", "bytes"):
         return ByteTokenizer(), ByteTokenizer.vocab_size
+    if source is not None and ByteTokenizer.saved_in(source):
+        return ByteTokenizer(), ByteTokenizer.vocab_size
     from transformers import AutoTokenizer
 
     folder = source if source is not None else smollm2_folder()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.source {folder}: no usable tokenizer ({e})") from None
+        raise ConfigError(
+            f"model.source {folder}: no tokenizer files in it ({type(e).__name__}); save the "
+            "model's tokenizer into the folder (tokenizer.save_pretrained)"
+        ) from None
     return tokenizer, len(tokenizer)
+
+
+@dataclass
+class Plan:
+    """Everything checked and loaded before a run starts or writes anything."""
+
+    stages: tuple[str, ...]
+    out: Path
+    source: Path | None  # pretrained model folder; None for a scratch model
+    tokenizer: object
+    vocab_size: int
+    corpus: object
+    algorithm: object | None
+    model: object | None  # the loaded pretrained (or packed) model, when there is one
+
+
+def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
+    """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
+    compress, so that bad input fails here: before Ray, MLflow or any output folder."""
+    from presso import load_compressed
+    from presso.orchestrator import checkpoint, data, models
+    from presso.orchestrator.compress import check_layers
+
+    check_stages(cfg, stages)
+    algorithm = recipe_algorithms(cfg)[0] if "compress" in stages else None
+    source = models.resolve_source(cfg.model)
+    packed = source is not None and models.is_artifact(source)
+    if packed and ("compress" in stages or "train" in stages):
+        raise ConfigError(
+            f"model.source {source}: already a packed artifact; it can only be evaluated"
+        )
+    tokenizer, vocab_size = _tokenizer(cfg, source)
+    works = data.load_works(cfg.data.path)
+    splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
+    corpus = data.build_corpus(works, splits, tokenizer)
+    if packed:
+        model = load_compressed(source)
+    elif source is not None:
+        model = models.load_pretrained(source)[0]
+    else:
+        model = models.build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
+    if "train" in stages and cfg.train.resume_from:
+        checkpoint.check_resumable(Path(cfg.train.resume_from), model, cfg.train.workers)
+    if algorithm is not None:
+        check_layers(model, algorithm, cfg.compress.ignore)
+    out = Path(cfg.run.output_dir).resolve() / cfg.run.name
+    return Plan(
+        stages,
+        out,
+        source,
+        tokenizer,
+        vocab_size,
+        corpus,
+        algorithm,
+        None if source is None else model,
+    )
+
+
+def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run the requested and enabled ``stages`` of a validated config; returns the summary."""
+    from presso.orchestrator.models import load_pretrained
+    from presso.orchestrator.tracking import Tracking
+
+    quiet_environment()
+    enabled = {
+        "train": cfg.train.enabled,
+        "compress": cfg.compress.enabled,
+        "eval": cfg.eval.enabled,
+    }
+    plan = preflight(cfg, tuple(s for s in stages if enabled[s]))
+    c = plan.corpus
+    print(
+        f"presso: corpus {len(c.splits['train']) + len(c.splits['val']) + len(c.splits['test'])} "
+        f"works; tokens train {c.train.numel():,} val {c.val.numel():,} test {c.test.numel():,}",
+        flush=True,
+    )
+    tracking = Tracking(cfg)
+    parent = tracking.start()
+    summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
+    ok = False
+    try:
+        ensure_ray(cfg)
+        if "train" in plan.stages:
+            folder = _train(cfg, plan, tracking, summary)
+            plan.model = load_pretrained(folder)[0]
+        if "compress" in plan.stages or "eval" in plan.stages:
+            _compress_and_eval(cfg, plan, tracking, summary)
+        ok = True
+    finally:
+        tracking.summary(summary)
+        parent.finish(ok)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
 
 
 def describe(algorithm) -> str:
@@ -99,66 +203,14 @@ def describe(algorithm) -> str:
     return f"{algorithm.name}({settings})"
 
 
-def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the requested and enabled ``stages`` of a validated config; returns the summary."""
-    from presso.orchestrator import data, models
-    from presso.orchestrator.tracking import Tracking
-
-    quiet_environment()
-    enabled = {
-        "train": cfg.train.enabled,
-        "compress": cfg.compress.enabled,
-        "eval": cfg.eval.enabled,
-    }
-    stages = tuple(s for s in stages if enabled[s])
-    check_stages(cfg, stages)
-    algorithm = recipe_algorithms(cfg)[0] if "compress" in stages else None
-
-    out = Path(cfg.run.output_dir).resolve() / cfg.run.name
-    source = models.resolve_source(cfg.model)
-    tokenizer, vocab_size = _tokenizer(cfg, source)
-    works = data.load_works(cfg.data.path)
-    splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
-    corpus = data.build_corpus(works, splits, tokenizer)
-    print(
-        f"presso: corpus {len(works)} works; tokens train {corpus.train.numel():,} "
-        f"val {corpus.val.numel():,} test {corpus.test.numel():,}",
-        flush=True,
-    )
-
-    tracking = Tracking(cfg)
-    parent = tracking.start()
-    summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
-    ok = False
-    try:
-        ensure_ray(cfg)
-        model_folder = source
-        if "train" in stages:
-            model_folder = _train(
-                cfg, corpus, vocab_size, source, tracking, summary, tokenizer, out
-            )
-        if "compress" in stages or "eval" in stages:
-            _compress_and_eval(
-                cfg, stages, algorithm, model_folder, corpus, tokenizer, tracking, summary, out
-            )
-        ok = True
-    finally:
-        tracking.summary(summary)
-        parent.finish(ok)
-    (out / "summary.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
-
-
-def _train(cfg, corpus, vocab_size, source, tracking, summary, tokenizer, out) -> Path:
+def _train(cfg, plan: Plan, tracking, summary) -> Path:
     from presso.orchestrator.tracking import plot_curves
     from presso.orchestrator.train import run_training
 
     run = tracking.stage("train")
     tick = time.perf_counter()
-    folder = run_training(cfg, corpus, vocab_size, source, run, out)
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
+    folder = run_training(cfg, plan.corpus, plan.vocab_size, plan.source, run, plan.out)
+    plan.tokenizer.save_pretrained(folder)
     losses = run.history("train/loss")
     vals = run.history("val/loss")
     summary.update(
@@ -173,16 +225,17 @@ def _train(cfg, corpus, vocab_size, source, tracking, summary, tokenizer, out) -
     return folder
 
 
-def _compress_and_eval(cfg, stages, algorithm, folder, corpus, tokenizer, tracking, summary, out):
+def _compress_and_eval(cfg, plan: Plan, tracking, summary):
     import presso
     from presso.compressors.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
     from presso.orchestrator.evaluate import perplexity
-    from presso.orchestrator.models import load_pretrained, model_bytes
+    from presso.orchestrator.models import is_artifact, model_bytes
     from presso.orchestrator.tracking import register_model
 
-    model, _ = load_pretrained(folder)
-    summary["dense_bytes"] = model_bytes(model)
+    model, stages, algorithm, tokenizer = plan.model, plan.stages, plan.algorithm, plan.tokenizer
+    packed_source = plan.source is not None and is_artifact(plan.source)
+    summary["packed_bytes" if packed_source else "dense_bytes"] = model_bytes(model)
     artifact = None
     if "compress" in stages:
         run = tracking.stage("compress")
@@ -192,8 +245,8 @@ def _compress_and_eval(cfg, stages, algorithm, folder, corpus, tokenizer, tracki
         info = save_compressed(
             model,
             result.records,
-            out / "compressed",
-            tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+            plan.out / "compressed",
+            tokenizer,
         )
         artifact = info.path
         for i, layer in enumerate(result.layers):
@@ -222,12 +275,17 @@ def _compress_and_eval(cfg, stages, algorithm, folder, corpus, tokenizer, tracki
         run = tracking.stage("eval")
         e = cfg.eval
         bar = progress_bar()
-        dense = perplexity(model, corpus.test, e.seq_len, e.max_tokens, e.batch_size, bar)
-        values = {"eval/dense_ppl": dense.perplexity, "eval/dense_tokens_per_s": dense.tokens_per_s}
-        summary.update(dense_ppl=dense.perplexity, eval_tokens=dense.tokens)
+        test = plan.corpus.test
+        kind = "compressed" if packed_source else "dense"
+        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+        values = {
+            f"eval/{kind}_ppl": first.perplexity,
+            f"eval/{kind}_tokens_per_s": first.tokens_per_s,
+        }
+        summary.update({f"{kind}_ppl": first.perplexity, "eval_tokens": first.tokens})
         if artifact is not None:
             packed = presso.load_compressed(artifact)
-            comp = perplexity(packed, corpus.test, e.seq_len, e.max_tokens, e.batch_size, bar)
+            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
             values.update(
                 {
                     "eval/compressed_ppl": comp.perplexity,

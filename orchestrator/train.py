@@ -167,6 +167,7 @@ def run_training(
 ) -> Path:
     """Train on Ray Train; returns the folder of the trained model (a Hugging Face folder)."""
     import ray
+    import ray.train
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -197,6 +198,7 @@ def run_training(
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.threads_per_worker},
         ),
+        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
