@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from presso import ConfigError, PressoError
@@ -56,7 +57,9 @@ def entrypoint(job: str, overrides: list[str]) -> str:
     return shlex.join(["presso", "run", job, *overrides])
 
 
-def runtime_env(working_dir: str | None, pip: list[str], env: dict[str, str]) -> dict[str, object]:
+def runtime_env(
+    working_dir: str | None, pip: Sequence[str], env: dict[str, str]
+) -> dict[str, object]:
     """Ray runtime env: the uploaded folder (big folders excluded), extra packages, env vars."""
     out: dict[str, object] = {}
     if working_dir is not None:
@@ -71,7 +74,7 @@ def runtime_env(working_dir: str | None, pip: list[str], env: dict[str, str]) ->
     return out
 
 
-def parse_env(items: list[str]) -> dict[str, str]:
+def parse_env(items: Sequence[str]) -> dict[str, str]:
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -137,8 +140,8 @@ def submit(
     address: str,
     *,
     working_dir: str | None = None,
-    pip: list[str] = (),
-    env: list[str] = (),
+    pip: Sequence[str] = (),
+    env: Sequence[str] = (),
     follow: bool = False,
 ) -> int:
     """Validate the job locally, submit it, print its submission id; ``follow`` streams its logs.
@@ -146,10 +149,13 @@ def submit(
     Returns the exit status: 0 once submitted (with ``follow``: once it SUCCEEDED), else 1.
     """
     load_config(job, overrides)
-    runtime = runtime_env(working_dir, list(pip), parse_env(list(env)))
+    runtime = runtime_env(working_dir, pip, parse_env(env))
     command = entrypoint(cluster_job_path(job, working_dir), list(overrides))
     client = _client(address)
-    submission_id = client.submit_job(entrypoint=command, runtime_env=runtime)
+    try:
+        submission_id = client.submit_job(entrypoint=command, runtime_env=runtime)
+    except RuntimeError as e:  # the Jobs API answered with an error, e.g. a bad runtime env
+        raise PressoError(f"the Ray cluster at {address} refused the job: {e}") from None
     print(submission_id, flush=True)
     if not follow:
         print(

@@ -140,3 +140,17 @@ def test_follow_exits_with_the_jobs_outcome(monkeypatch, capsys, status, code):
     assert f"raysubmit_1 {status.value}" in out.err
     assert fake.submitted == [("presso run jobs/quickstart.yaml train.steps=5", {})]
     assert cli.main(argv) == 0  # without --follow: submitted is success
+
+
+def test_a_refused_job_is_reported_not_a_traceback(monkeypatch, capsys):
+    """The Jobs API rejects e.g. a bad runtime env; the user sees why, in presso's one line."""
+
+    class Refusing(FakeClient):
+        def submit_job(self, entrypoint, runtime_env):
+            raise RuntimeError("Request failed with status code 400: invalid pip spec")
+
+    monkeypatch.setattr(submit, "_client", lambda address: Refusing(JobStatus.PENDING))
+    assert cli.main(["submit", "jobs/quickstart.yaml", "--address", "http://h:8265"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("presso: error: the Ray cluster at http://h:8265 refused the job")
+    assert "invalid pip spec" in err and err.count("\n") == 1
