@@ -23,6 +23,7 @@ examples:
   presso run jobs/quickstart.yaml train.steps=50    the same, shorter
   presso compress jobs/smollm2_rtn.yaml             compress a pretrained model only
   presso config show jobs/quickstart.yaml           print the resolved config
+  presso mlflow sync                                replay what an MLflow outage left spooled
   presso submit jobs/quickstart.yaml --address http://HEAD:8265 --working-dir . --follow
 
 environment: RAY_ADDRESS (a Ray cluster; default: a local Ray), MLFLOW_TRACKING_URI (default:
@@ -83,7 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect job configs")
     config_sub = config.add_subparsers(dest="config_command", metavar="action", required=True)
     _job_parser(config_sub, "show", "print the fully resolved config of a job (YAML)")
+    _mlflow_parser(sub)
     return parser
+
+
+def _mlflow_parser(sub) -> None:
+    mlflow = sub.add_parser("mlflow", help="replay MLflow records spooled during an outage")
+    actions = mlflow.add_subparsers(dest="mlflow_command", metavar="action", required=True)
+    text = (
+        "replay what MLflow missed while it was unreachable: the spools a run leaves under "
+        "run.output_dir/<run.name>/mlflow-spool/"
+    )
+    sync = actions.add_parser("sync", help=text, description=text)
+    sync.add_argument(
+        "spools", nargs="*", metavar="SPOOL_DIR",
+        help="a spool, or a folder holding some (default: presso_runs, the default output_dir)",
+    )  # fmt: skip
+    sync.add_argument("--uri", help="replay to this tracking URI instead of the recorded one")
+
+
+def _mlflow_sync(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from presso.orchestrator.config import RunConfig
+    from presso.orchestrator.delivery import sync_all
+
+    sync_all([Path(p) for p in args.spools] or [Path(RunConfig().output_dir)], args.uri)
+    return 0
 
 
 STAGES = {
@@ -120,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "mlflow":
+            return _mlflow_sync(args)
         from presso.orchestrator.config import load_config, to_yaml
 
         if args.command == "submit":

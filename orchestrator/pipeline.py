@@ -299,5 +299,6 @@ def _compress_and_eval(cfg, plan: Plan, tracking, summary):
         run = tracking.stage("register")
         name = cfg.tracking.registered_model or f"{cfg.run.name}-compressed"
         summary["registered_model"] = name
-        summary["model_version"] = register_model(run, artifact, name)
+        registered = register_model(run, artifact, name, summary.get("compressed_ppl"))
+        summary.update(model_version=registered.version or "spooled", champion=registered.champion)
         run.finish()

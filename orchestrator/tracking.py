@@ -1,22 +1,28 @@
 """MLflow tracking: one parent run per pipeline, one nested run per stage.
 
-Everything is logged through :class:`RunLogger`, a small picklable handle ``(uri, run_id)`` that
-the driver and Ray Train's rank-0 worker both use, so every process logs the same way.
+Everything is logged through :class:`RunLogger`, a small picklable handle that the driver and Ray
+Train's rank-0 worker both use, so every process logs the same way — and, if the tracking server
+goes away mid-run, spools the same way (see ``delivery.py``): the run still finishes, and what
+MLflow missed is replayed when the pipeline ends or by ``presso mlflow sync``.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import presso
 from presso.orchestrator.config import PressoConfig, flatten, to_dict, to_yaml
+from presso.orchestrator.delivery import Link, settle
+from presso.orchestrator.registry import Registered
+from presso.orchestrator.spool import new_local_id
 
 _PARAM_LIMIT = 6000  # MLflow's longest param value
+_PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
 
 
 def resolve_uri(cfg: PressoConfig) -> str:
@@ -28,64 +34,63 @@ def resolve_uri(cfg: PressoConfig) -> str:
     return f"sqlite:///{Path(cfg.run.output_dir).resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+def spool_dir(cfg: PressoConfig) -> Path:
+    """Where one pipeline execution spools what MLflow could not take (created on first use)."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return Path(cfg.run.output_dir).resolve() / cfg.run.name / "mlflow-spool" / stamp
 
-    return MlflowClient(tracking_uri=uri)
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class RunLogger:
-    """Logs metrics, params and files to one MLflow run."""
+    """Logs metrics, params and files to one MLflow run (to the spool while MLflow is away)."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-        self._client = None
+    def __init__(self, uri: str, run_id: str, spool: str | Path | None = None) -> None:
+        self.link, self.run_id = Link(uri, spool), run_id
 
     @property
-    def client(self):
-        if self._client is None:
-            self._client = _client(self.uri)
-        return self._client
+    def uri(self) -> str:
+        return self.link.uri
 
-    def __getstate__(self):  # the client holds connections; rebuild it in the receiving process
-        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+    def send(self, kind: str, **fields) -> str | Registered | None:
+        return self.link.send({"kind": kind, "run": self.run_id, **fields})
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        now = _now_ms()
+        batch = [[k, float(v), now, step] for k, v in values.items()]
+        for i in range(0, len(batch), _METRICS_PER_BATCH):
+            self.send("metrics", metrics=batch[i : i + _METRICS_PER_BATCH])
 
     def params(self, values: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in values.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        items = [(k, str(v)[:_PARAM_LIMIT]) for k, v in values.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.send("params", params=dict(items[i : i + _PARAMS_PER_BATCH]))
 
     def tags(self, values: dict[str, str]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self.send("tags", tags={k: str(v) for k, v in values.items()})
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log a file, or a folder's contents, under ``artifact_path``."""
+        self.send("file", path=str(path), artifact_path=artifact_path)
 
-    def text(self, text: str, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / name).write_text(text)
-            self.artifact(Path(tmp) / name)
+    def text(self, text: str, name: str, artifact_path: str | None = None) -> None:
+        self.send("text", name=name, text=text, artifact_path=artifact_path)
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        return self.link.history(self.run_id, key)
 
     def finish(self, ok: bool = True) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        self.send("end", status="FINISHED" if ok else "FAILED", end_time=_now_ms())
+
+
+class _PipelineRun(RunLogger):
+    """The parent run: it finishes last, so finishing it also settles the spool."""
+
+    def finish(self, ok: bool = True) -> None:
+        super().finish(ok)
+        settle(self.link)
 
 
 def _git_commit() -> str | None:
@@ -99,42 +104,65 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _ray_submission_id() -> str | None:
+    """The id of the Ray job this driver runs as: Ray's job supervisor hands the driver its
+    job config, submission id included, in this variable."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return config.get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def run_tags() -> dict[str, str]:
+    """Who ran what: presso's version, git commit, user, and the Ray submission id if any."""
+    tags = {"presso.version": presso.__version__, "mlflow.source.name": "presso"}
+    if commit := _git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        pass
+    if submission := _ray_submission_id():
+        tags["ray.submission_id"] = submission
+    return tags
+
+
 class Tracking:
     """The MLflow experiment of a job, and the runs of one pipeline execution in it."""
 
     def __init__(self, cfg: PressoConfig) -> None:
         self.cfg = cfg
         self.uri = resolve_uri(cfg)
-        self.client = _client(self.uri)
+        self.link = Link(self.uri, spool_dir(cfg))
+        location = None
+        if self.uri.startswith("sqlite:"):  # a local store keeps artifacts beside it
+            location = (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
         name = cfg.tracking.experiment or cfg.run.name
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            self.experiment_id = experiment.experiment_id
-        else:
-            location = None
-            if self.uri.startswith("sqlite:"):  # a local store keeps artifacts beside it
-                location = (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+        self.experiment_id = self._create("experiment", name=name, artifact_location=location)
         self.parent: RunLogger | None = None
+
+    def _create(self, kind: str, **fields) -> str:
+        """The id of a new experiment or run: MLflow's, or a local one while it is away."""
+        record = {"kind": kind, "id": new_local_id(), **fields}
+        return self.link.send(record) or record["id"]
+
+    def _run(self, name: str, tags: dict[str, str], cls: type[RunLogger] = RunLogger):
+        run_id = self._create(
+            "run", experiment=self.experiment_id, name=name, tags=tags, start_time=_now_ms()
+        )
+        return cls(self.uri, run_id, self.link.spool.root)
 
     def start(self) -> RunLogger:
         """The parent run, with the resolved config as params and as a YAML artifact."""
-        tags = {"presso.version": presso.__version__}
-        if commit := _git_commit():
-            tags["git.commit"] = commit
-        if submission := os.environ.get("RAY_JOB_SUBMISSION_ID"):
-            tags["ray.submission_id"] = submission
-        run = self.client.create_run(self.experiment_id, run_name=self.cfg.run.name, tags=tags)
-        self.parent = RunLogger(self.uri, run.info.run_id)
+        self.parent = self._run(self.cfg.run.name, run_tags(), _PipelineRun)
         self.parent.params(flatten(to_dict(self.cfg)))
         self.parent.text(to_yaml(self.cfg), "config.yaml")
         return self.parent
 
     def stage(self, name: str) -> RunLogger:
         """A nested run for one stage of the pipeline."""
-        tags = {"mlflow.parentRunId": self.parent.run_id, "presso.stage": name}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return RunLogger(self.uri, run.info.run_id)
+        return self._run(name, {"mlflow.parentRunId": self.parent.run_id, "presso.stage": name})
 
     def summary(self, summary: dict) -> None:
         self.parent.text(json.dumps(summary, indent=1, default=str), "summary.json")
@@ -142,44 +170,22 @@ class Tracking:
         self.parent.metrics(numeric, step=0)
 
 
-def register_model(logger: RunLogger, artifact: Path, name: str) -> str:
-    """Log the packed ``artifact`` to the run as a pyfunc model and register it under ``name``;
-    the new version gets the alias ``candidate``. Returns the version."""
-    import mlflow
+def register_model(
+    logger: RunLogger, artifact: Path, name: str, perplexity: float | None = None
+) -> Registered:
+    """Log the packed ``artifact`` to the run as a pyfunc model and register it under ``name``.
 
-    import presso.orchestrator.mlflow_model as model_code
-
-    mlflow.set_tracking_uri(logger.uri)
-    with mlflow.start_run(run_id=logger.run_id):
-        info = mlflow.pyfunc.log_model(
-            name="compressed-model",
-            python_model=model_code.__file__,
-            artifacts={"packed": str(artifact)},
-            registered_model_name=name,
-            pip_requirements=[f"presso=={presso.__version__}"],
-        )
-    version = str(info.registered_model_version)
-    logger.client.set_registered_model_alias(name, "candidate", version)
-    return version
+    The new version gets the alias ``candidate`` and, as a tag, its test ``perplexity``; it takes
+    ``champion`` if ``registry.promotes`` says so. While MLflow is away the registration is
+    spooled (and the policy applied on replay): the result then has no version.
+    """
+    ppl = None if perplexity is None else float(perplexity)
+    result = logger.send("register", path=str(artifact), name=name, ppl=ppl)
+    return result if isinstance(result, Registered) else Registered(None, False)
 
 
 def plot_curves(logger: RunLogger, keys: list[str], title: str, filename: str) -> None:
     """A PNG of the metric histories ``keys`` of ``logger``'s run, logged to that run."""
-    import matplotlib
+    from presso.orchestrator.plots import plot_series
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        points = sorted(logger.history(key))
-        if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], label=key)
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    with tempfile.TemporaryDirectory() as tmp:
-        fig.savefig(Path(tmp) / filename, dpi=100, bbox_inches="tight")
-        logger.artifact(Path(tmp) / filename, "plots")
-    plt.close(fig)
+    plot_series(logger, {key: logger.history(key) for key in keys}, title, filename)

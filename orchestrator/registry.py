@@ -1,0 +1,74 @@
+"""The model registry side: log a packed artifact as a pyfunc model, register it, and keep the
+aliases honest — every version is ``candidate``; ``champion`` goes to the best test perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import presso
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+PPL_TAG = "eval.compressed_ppl"  # the model version's test perplexity, which the policy compares
+MODEL_NAME = "compressed-model"  # the model's name within its run
+
+
+@dataclass(frozen=True)
+class Registered:
+    version: str | None  # the model version; None while the registration waits in the spool
+    champion: bool  # whether this version took the champion alias
+
+
+def promotes(perplexity: float | None, champion: float | None) -> bool:
+    """The alias policy: the first version becomes champion (``champion`` None: there is none);
+    a later one only with a lower test perplexity. Unknown or NaN never beats a known one."""
+    if champion is None:
+        return True
+    return perplexity is not None and math.isfinite(perplexity) and perplexity < champion
+
+
+def _champion_perplexity(client, name: str) -> float | None:
+    """The champion's perplexity; inf if its tag is missing or unreadable, None if no champion."""
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    if version is None:
+        return None
+    try:
+        value = float(client.get_model_version(name, version).tags[PPL_TAG])
+    except (KeyError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
+
+
+def log_and_register(
+    client, uri: str, run_id: str, artifact: Path, name: str, ppl: float | None
+) -> Registered:
+    """Log ``artifact`` to the run as a pyfunc model, register it under ``name``, set aliases."""
+    import mlflow
+
+    import presso.orchestrator.mlflow_model as model_code
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=model_code.__file__,
+            artifacts={"packed": str(artifact)},
+            registered_model_name=name,
+            pip_requirements=[f"presso=={presso.__version__}"],
+        )
+    version = str(info.registered_model_version)
+    return Registered(version, apply_alias_policy(client, name, version, ppl))
+
+
+def apply_alias_policy(client, name: str, version: str, perplexity: float | None) -> bool:
+    """Tag a new model version with its perplexity, make it ``candidate``, and ``champion`` if
+    :func:`promotes` says so; returns whether it became champion."""
+    if perplexity is not None:
+        client.set_model_version_tag(name, version, PPL_TAG, repr(perplexity))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    champion = promotes(perplexity, _champion_perplexity(client, name))
+    if champion:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return champion
