@@ -18,6 +18,7 @@ bytes this worker hands over (``CommStats``), so the byte count is the payload a
 A non-finite value (NaN/inf) in a layer's input or aggregated result *skips* that layer's state
 update for the step: its error-feedback buffer, PowerSGD warm-start ``Q`` and L-GreCo measurement
 are left as they were (nothing is reset), and ``end_step`` issues one warning naming the layers.
+A re-plan keeps the current choice of any layer that no worker could measure.
 The non-finite average itself is returned to DDP, so the training loop's own guard (e.g. skipping
 the optimizer step) still sees it. The checks are tensor ops, so the hook never syncs a GPU.
 """
@@ -29,6 +30,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from presso import IntegrityError
 from presso.compressors.gradient import lgreco
@@ -42,7 +44,9 @@ from presso.compressors.gradient.topk import TopK
 class Communicator:
     """Compressed gradient exchange for one DDP model. Build with :func:`build_communicator`."""
 
-    def __init__(self, cfg: GradCompressionConfig, ddp_model, process_group=None):
+    def __init__(
+        self, cfg: GradCompressionConfig, ddp_model: DistributedDataParallel, process_group=None
+    ):
         self.cfg = cfg
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
@@ -88,10 +92,10 @@ class Communicator:
             warnings.warn(
                 f"grad_compression: {self.cfg.family.value} parameter {default} is more than "
                 f"{len(clamped)} layer(s) allow; clamped: {', '.join(clamped)}",
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def register(self, ddp_model) -> None:
+    def register(self, ddp_model: DistributedDataParallel) -> None:
         """Install the comm hook on ``ddp_model`` (DDP allows one hook per model)."""
         ddp_model.register_comm_hook(self, _comm_hook)
 
@@ -128,7 +132,9 @@ class Communicator:
         self.stats.record(0, payload_bytes(buf))
         named = [(self.names[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients())]
         if self.step < self.cfg.warmup_steps:
-            self._measure({n: g.reshape(-1).float() for n, g in named if n in self.choice})
+            if self._measuring():
+                local = {n: g.reshape(-1).float() for n, g in named if n in self.choice}
+                self._measure(local, {n: self._check(n, x) for n, x in local.items()})
             self._all_reduce(buf)
             buf.div_(self.world)
             return _done(buf)
@@ -145,20 +151,25 @@ class Communicator:
                 else self._exchange_gathered
             )
             means, shares = exchange(layers, inputs)
-            ok = {}
+            ok = {n: self._check(n, means[n], inputs[n]) for n in layers}
             for n in layers:
-                ok[n] = _finite(means[n], inputs[n])
                 self.error[n] = torch.where(ok[n], inputs[n] - shares[n], self.error[n])
-                prev = self._nonfinite.get(n)
-                self._nonfinite[n] = ~ok[n] if prev is None else prev | ~ok[n]
                 grads[n].copy_(means[n].view_as(grads[n]))
-            self._measure(inputs, ok)
+            if self._measuring():
+                self._measure(inputs, ok)
         if pending is not None:
             pending.wait()
             flat_buf.div_(self.world)
             for g, chunk in zip(flat, flat_buf.split([g.numel() for g in flat])):
                 g.copy_(chunk.view_as(g))
         return _done(buf)
+
+    def _check(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
+        """0-d bool tensor: ``tensors`` are finite; failures are remembered for one warning."""
+        ok = _finite(*tensors)
+        prev = self._nonfinite.get(name)
+        self._nonfinite[name] = ~ok if prev is None else prev | ~ok
+        return ok
 
     def _error(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         if name not in self.error:
@@ -218,44 +229,54 @@ class Communicator:
 
     # ---- L-GreCo ------------------------------------------------------------------------------
 
-    def _measure(self, inputs: dict[str, torch.Tensor], ok: dict | None = None) -> None:
-        if not self.adaptive or not self.schedule.measuring(self.step):
-            return
+    def _measuring(self) -> bool:
+        return self.adaptive and self.schedule.measuring(self.step)
+
+    def _measure(self, inputs: dict[str, torch.Tensor], ok: dict[str, torch.Tensor]) -> None:
+        """Add this step's local inputs to the next re-plan's measurement (finite ones only)."""
         for n, x in inputs.items():
-            add = x if ok is None else torch.where(ok[n], x, torch.zeros_like(x))
-            self.acc[n] = self.acc[n] + add if n in self.acc else add.clone()
+            add = torch.where(ok[n], x, torch.zeros_like(x))
+            self.acc[n] = self.acc[n] + add if n in self.acc else add
 
     def _adjust(self) -> None:
         """Measure every candidate on the summed inputs, let rank 0 solve, broadcast the plan."""
         layers = list(self.choice)
         width = max(len(self.candidates[n]) for n in layers)
-        table = torch.zeros(len(layers), width, dtype=torch.float64)
+        table = torch.zeros(len(layers), width + 1, dtype=torch.float64)  # last column: measured
         for i, n in enumerate(layers):
-            acc = self.acc.get(n)
-            if acc is not None:
-                grad = acc.view(self.shapes[n]).cpu()
-                table[i, : len(self.candidates[n])] = torch.tensor(
-                    self.family.errors(grad, self.candidates[n]), dtype=torch.float64
-                )
-        table = self._sum(table.to(self.device)).cpu()  # every worker's error, summed
+            if n in self.acc and self.acc[n].any():  # all zero: nothing measured, no information
+                grad = self.acc[n].view(self.shapes[n]).cpu()
+                errors = self.family.errors(grad, self.candidates[n])
+                table[i, : len(errors)] = torch.tensor(errors, dtype=torch.float64)
+                table[i, -1] = 1
+        table = self._sum(table.to(self.device)).cpu()  # every worker's errors, summed
         picks = torch.zeros(len(layers), dtype=torch.int64)
         if self.rank == 0:
-            cands = [self.candidates[n] for n in layers]
-            sizes = [
-                [self.family.payload_bytes(self.shapes[n], c) for c in cs]
-                for n, cs in zip(layers, cands)
-            ]
-            errors = [table[i, : len(cs)].tolist() for i, cs in enumerate(cands)]
-            reference = [
-                cs.index(self.family.clamp(self.shapes[n], self.cfg.default()))
-                for n, cs in zip(layers, cands)
-            ]
-            picks = torch.tensor(lgreco.plan(sizes, errors, reference, self.cfg.alpha))
+            picks = torch.tensor(self._solve(layers, table))
         picks = picks.to(self.device)
         self._broadcast(picks)
         for n, k in zip(layers, picks.tolist()):
             self.choice[n] = self.candidates[n][k]
         self.acc.clear()
+
+    def _solve(self, layers: list[str], table: torch.Tensor) -> list[int]:
+        """Candidate index per layer; a layer no worker measured keeps its current choice."""
+        default = self.cfg.default()
+        sizes, errors, reference, pinned = [], [], [], []
+        for i, n in enumerate(layers):
+            cands = self.candidates[n]
+            pinned.append(table[i, -1] == 0)
+            if pinned[-1]:
+                cands = [self.choice[n]]
+            sizes.append([self.family.payload_bytes(self.shapes[n], c) for c in cands])
+            errors.append([0.0] if pinned[-1] else table[i, : len(cands)].tolist())
+            ref = self.family.clamp(self.shapes[n], default)
+            reference.append(cands.index(ref) if ref in cands else 0)
+        plan = lgreco.plan(sizes, errors, reference, self.cfg.alpha)
+        return [
+            self.candidates[n].index(self.choice[n]) if pin else k
+            for n, pin, k in zip(layers, pinned, plan)
+        ]
 
     # ---- step boundary and checkpoints --------------------------------------------------------
 
@@ -268,7 +289,8 @@ class Communicator:
             warnings.warn(
                 f"grad_compression: non-finite gradient at step {self.step} in {len(bad)} "
                 f"layer(s) ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); their "
-                "error-feedback and warm-start state were left unchanged for this step",
+                "compression state (error feedback, warm-start Q, L-GreCo measurement) was "
+                "left unchanged for this step",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -46,14 +46,16 @@ def _model(seed=0, with_empty=True):
 
 def _setup(model, **settings):
     ddp = DDP(model, bucket_cap_mb=0.001)
-    cfg = GradCompressionConfig(warmup_steps=1, min_numel=16, bucket_size=32, **settings)
+    cfg = GradCompressionConfig(
+        **{"warmup_steps": 1, "min_numel": 16, "bucket_size": 32, **settings}
+    )
     comm = build_communicator(cfg, ddp)
     comm.register(ddp)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return ddp, comm, opt
 
 
-def _step(ddp, comm, opt, gen, poison=False):
+def _step(ddp, comm, opt, gen, poison=False, before_end=None):
     x = torch.randn(16, 16, generator=gen)
     if poison:
         x[0, 0] = float("nan")
@@ -63,6 +65,8 @@ def _step(ddp, comm, opt, gen, poison=False):
     loss.backward()
     if all(torch.isfinite(p.grad).all() for p in ddp.module.parameters()):
         opt.step()  # the training loop's guard: skip a non-finite step
+    if before_end is not None:
+        before_end()
     return comm.end_step()
 
 
@@ -132,6 +136,32 @@ def test_nan_gradient_leaves_compression_state_untouched():
         _step(ddp, comm, opt, gen)
     assert all(torch.isfinite(t).all() for t in [*comm.error.values(), *comm.q.values()])
     assert not all(torch.equal(error[n], comm.error[n]) for n in error)
+
+
+def test_lgreco_measures_only_finite_steps():
+    """A NaN batch inside L-GreCo's measurement window must not reach the measurement; if no
+    step of the window could be measured, the re-plan keeps the current plan instead of reading
+    "zero error" and jumping to the strongest compression."""
+    settings = dict(
+        method="lgreco", rank=2, rank_candidates=[1, 2, 4], adjust_every=2, measure_steps=2
+    )
+    ddp, comm, opt = _setup(_model(), **{**settings, "warmup_steps": 2})
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        for _ in range(2):  # the whole first window is poisoned
+            _step(ddp, comm, opt, gen, poison=True)
+    assert len(record) == 2  # one per step
+    assert comm.choices() == {"0.weight": 2.0, "2.weight": 2.0, "4.weight": 2.0}
+    _step(ddp, comm, opt, gen)
+    snapshot = {n: t.clone() for n, t in comm.acc.items()}
+
+    def acc_unchanged():
+        assert snapshot.keys() == comm.acc.keys()
+        assert all(torch.equal(snapshot[n], comm.acc[n]) for n in snapshot)
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        _step(ddp, comm, opt, gen, poison=True, before_end=acc_unchanged)  # then re-plans
+    assert not comm.acc and all(torch.isfinite(t).all() for t in comm.error.values())
 
 
 def test_too_large_rank_is_clamped_with_one_warning():

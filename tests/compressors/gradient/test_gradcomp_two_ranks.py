@@ -198,7 +198,9 @@ def _uniform_bytes(family: str, value) -> int:
     return total
 
 
-CONTROL_BYTES = {0: 8 * 4 * 4 + 8 * 4, 1: 8 * 4 * 4}  # L-GreCo re-plan: error table + rank 0's plan
+# An L-GreCo re-plan also sends its error table (4 layers x (4 candidates + a 'measured' flag)
+# as float64) and, from rank 0 only, the plan (4 int64 indices).
+CONTROL_BYTES = {0: 8 * 4 * 5 + 8 * 4, 1: 8 * 4 * 5}
 
 
 def test_replicas_stay_bit_identical(runs):
