@@ -5,8 +5,8 @@ before delegating to it: while ``state.iter < start_powerSGD_iter`` it all-reduc
 afterwards each gradient viewed as ``[shape[0], -1]`` with rank ``r = min(rows, cols, rank)`` is
 compressed iff torch's ``_should_compress`` says so, sending ``(rows + cols) x r`` values (its ``P``
 and ``Q`` all-reduces), and every other gradient goes into its dense flat all-reduce. Values have
-the bucket's element size. Test ``test_torch_powersgd_bytes`` checks this count against a spy on
-``torch.distributed.all_reduce``.
+the bucket's element size. ``tests/compressors/gradient/test_gradcomp_two_ranks.py`` checks this
+count against a spy on ``torch.distributed.all_reduce``.
 
 torch keys its error-feedback and warm-start state by bucket index, which is why it needs
 ``start_powerSGD_iter >= 2`` (DDP regroups buckets after the first iteration); warm-up shorter than
@@ -58,8 +58,6 @@ class TorchPowerSGDCommunicator:
 
     def _compressed(self, shape: torch.Size) -> int:
         """Rank torch uses for a gradient of ``shape``, or 0 when it sends it dense."""
-        if not torch.Size(shape).numel():
-            return 0
         rows, cols = matrix_shape(shape)
         rank = min(rows, cols, self.state.matrix_approximation_rank)
         return (
