@@ -3,7 +3,7 @@
 The driver validates every layer first (so a bad group size fails before any work), assigns
 layers to workers by estimated cost (largest first, to the least-loaded worker), and gathers one
 stored record per layer. Records are independent of which worker produced them, so 1 and M
-workers give bit-identical artifacts.
+workers — or a pool that lost a worker and reassigned its layers — give bit-identical artifacts.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class CompressResult:
     records: dict  # layer name → stored record
     layers: list[LayerResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # modules with weights presso leaves dense
+    reassigned: int = 0  # layers moved to another worker after theirs died
     wall_s: float = 0.0
 
 
@@ -91,25 +92,13 @@ def solve_layer(algorithm, name: str, weight: torch.Tensor) -> tuple:
     return record, float(error), time.perf_counter() - tick
 
 
-def _worker_class():
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class CompressWorker:
-        def __init__(self, threads: int) -> None:
-            torch.set_num_threads(threads)
-
-        def solve(self, algorithm, name: str, weight: torch.Tensor):
-            return solve_layer(algorithm, name, weight)
-
-    return CompressWorker
-
-
 def run_compression(
     model: torch.nn.Module, algorithm, workers: int, ignore: list[str], progress=None
 ) -> CompressResult:
     """Compress every selected linear layer of ``model`` with ``algorithm`` on ``workers`` actors."""
     import ray
+
+    from presso.orchestrator.pool import Task, WorkerPool
 
     names = check_layers(model, algorithm, ignore)
     _, skipped = select_layers(model, ignore)
@@ -118,28 +107,25 @@ def run_compression(
         print(f"presso: leaving {len(skipped)} unsupported modules dense: {', '.join(skipped)}")
 
     start = time.perf_counter()
-    plan = assign({n: modules[n].weight.numel() for n in names}, workers)
-    pool = [_worker_class().remote(1) for _ in range(workers)]
     algorithm_ref = ray.put(algorithm)
-    pending = {}
-    for w, chunk in enumerate(plan):
-        for name in chunk:
-            weight = modules[name].weight.detach().float().cpu()
-            pending[pool[w].solve.remote(algorithm_ref, name, weight)] = (name, w)
-    result = CompressResult(records={}, skipped=skipped)
-    bar = progress(total=len(pending), desc="compress") if progress else None
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name, w = pending.pop(done[0])
-        record, error, seconds = ray.get(done[0])
-        result.records[name] = record
-        result.layers.append(LayerResult(name, w, seconds, error))
+    tasks = [
+        Task(w, solve_layer, (algorithm_ref, name, modules[name].weight.detach().float().cpu()))
+        for w, chunk in enumerate(assign({n: modules[n].weight.numel() for n in names}, workers))
+        for name in chunk
+    ]
+    bar = progress(total=len(tasks), desc="compress") if progress else None
+    pool = WorkerPool(workers)
+    try:
+        solved = pool.run(tasks, on_result=lambda i, r: bar and bar.update(1))
+    finally:
+        pool.close()
         if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
-    for actor in pool:
-        ray.kill(actor)
-    result.records = {n: result.records[n] for n in names}  # model order, whatever finished first
+            bar.close()
+    result = CompressResult(records={}, skipped=skipped, reassigned=pool.reassigned)
+    for task, (record, error, seconds) in zip(tasks, solved):
+        name = task.args[1]
+        result.records[name] = record
+        result.layers.append(LayerResult(name, task.worker, seconds, error))
+    result.records = {n: result.records[n] for n in names}  # model order
     result.wall_s = time.perf_counter() - start
     return result
