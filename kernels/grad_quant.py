@@ -3,14 +3,16 @@
 Reference implementation in plain torch. A flat gradient is cut into buckets of ``bucket_size``
 values (a multiple of 32, so each bucket packs into whole words); each bucket keeps its own
 ``(min, scale)`` and its codes ``floor((x - min) / scale + u)`` with ``u ~ U[0, 1)``, which makes
-the dequantized value an unbiased estimate of ``x``. The Triton kernels in this package compute the
-same function; pass ``noise`` explicitly to compare them bit for bit.
+the dequantized value an unbiased estimate of ``x``. :func:`quantize_pack` and :func:`unpack_dequantize` dispatch to
+fused Triton kernels (``_grad_quant_triton``) that compute the same function; pass ``noise``
+explicitly to compare them bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from presso.kernels.dispatch import triton_module, use_triton
 from presso.kernels.packing import pack_int32, unpack_int32
 
 
@@ -54,3 +56,34 @@ def unpack_dequantize_reference(
     """Inverse of :func:`quantize_pack_reference` (up to the rounding): the first ``n`` values."""
     codes = unpack_int32(packed, bits, bucket_size).float()
     return (codes * meta[:, 1:2] + meta[:, 0:1]).reshape(-1)[:n]
+
+
+def _triton_ok(x: torch.Tensor, bits: int, bucket_size: int, *tensors: torch.Tensor) -> bool:
+    _buckets(max(x.numel(), 1), bucket_size)  # validates bucket_size on every path
+    return 1 <= bits <= 8 and x.numel() > 0 and use_triton(x, *tensors)
+
+
+def quantize_pack(
+    x: torch.Tensor, bits: int, bucket_size: int, seed: int = 0, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_pack_reference` through the fused Triton kernel where available.
+
+    Without ``noise`` the kernel draws its own uniforms (Philox keyed by ``seed`` and position):
+    the same distribution as the reference's, not the same numbers. Pass ``noise`` to get the
+    reference's output bit for bit."""
+    extra = [noise] if noise is not None else []
+    if not _triton_ok(x, bits, bucket_size, *extra):
+        return quantize_pack_reference(x, bits, bucket_size, seed, noise)
+    return triton_module("_grad_quant_triton").quantize_pack_triton(
+        x, bits, bucket_size, seed, noise
+    )
+
+
+def unpack_dequantize(
+    packed: torch.Tensor, meta: torch.Tensor, bits: int, bucket_size: int, n: int
+) -> torch.Tensor:
+    """:func:`unpack_dequantize_reference` through the fused Triton kernel where available."""
+    if n == 0 or not _triton_ok(packed, bits, bucket_size, meta):
+        return unpack_dequantize_reference(packed, meta, bits, bucket_size, n)
+    kernels = triton_module("_grad_quant_triton")
+    return kernels.unpack_dequantize_triton(packed, meta, bits, bucket_size, n)

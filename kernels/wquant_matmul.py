@@ -4,19 +4,46 @@ Weights are in compressed-tensors' ``pack-quantized`` layout for a linear layer 
 and ``K`` inputs quantized to ``bits`` with groups of ``group_size`` input columns:
 
 - ``weight_packed``: int32 ``[N, ceil(K * bits / 32)]``, codes ``q + 2**(bits-1)`` packed along K;
-- ``weight_scale``: ``[N, K // group_size]`` (fp16, bf16 or fp32);
+- ``weight_scale``: ``[N, K // group_size]`` (fp16, bf16 or fp32; ``ceil`` when the last group is
+  ragged);
 - ``weight_zero_point``: ``None`` for symmetric, else int32 ``[ceil(N * bits / 32), K // group_size]``,
   codes ``zp + 2**(bits-1)`` packed along N;
 
 and ``W[n, k] = (q[n, k] - zp[n, k // group_size]) * scale[n, k // group_size]``; the result is
-``x @ W.T + bias`` in ``x``'s dtype, accumulated in fp32.
+``x @ W.T + bias`` in ``x``'s dtype, accumulated in fp32. Optional SpQR outliers
+(:mod:`presso.kernels.outliers`) add a sparse fp16 correction to ``W``.
+
+:func:`dequant_matmul` runs the Triton kernels (``_wquant_triton``) for 2, 4 and 8 bits when the
+group size is a multiple of ``32 // bits``, and the torch reference otherwise. Layers that run
+many times may call :func:`prepare_weight` once at load: it transposes the packed words and scales
+so N is the contiguous dimension, which the kernels read with wider loads.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from presso.kernels.packing import unpack_int32
+from presso import UnsupportedError
+from presso.kernels.dispatch import triton_module, use_triton
+from presso.kernels.outliers import Outliers, outliers_to_dense
+from presso.kernels.packing import packed_length, unpack_int32
+
+TRITON_BITS = (2, 4, 8)  # widths whose codes never straddle an int32 word
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class PreparedWeight(NamedTuple):
+    """``weight_packed`` and ``weight_scale`` transposed once at load (N contiguous)."""
+
+    words: torch.Tensor  # int32 [ceil(K * bits / 32), N]
+    scale: torch.Tensor  # [groups, N]
+
+
+def prepare_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> PreparedWeight:
+    """The one-time repack the kernels prefer; pass it as ``dequant_matmul(..., prepared=)``."""
+    return PreparedWeight(weight_packed.t().contiguous(), weight_scale.t().contiguous())
 
 
 def dequantize_weight(
@@ -48,14 +75,40 @@ def dequant_matmul_reference(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
+    outliers: Outliers | None = None,
 ) -> torch.Tensor:
     w = dequantize_weight(
         weight_packed, weight_scale, weight_zero_point, bits, group_size, x.shape[-1]
     )
+    if outliers is not None:
+        w = w + outliers_to_dense(outliers, x.shape[-1])
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def check_shapes(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> None:
+    """Raise :class:`UnsupportedError` when ``x`` and the packed tensors do not fit together."""
+    k = x.shape[-1]
+    if weight_packed.shape[-1] != packed_length(k, bits):
+        raise UnsupportedError(
+            f"dequant_matmul: input has {k} features but weight_packed has "
+            f"{weight_packed.shape[-1]} words per row ({packed_length(k, bits)} expected for "
+            f"{bits}-bit codes); check bits and the layer's in_features"
+        )
+    groups = -(-k // group_size)
+    if weight_scale.shape != (weight_packed.shape[0], groups):
+        raise UnsupportedError(
+            f"dequant_matmul: weight_scale has shape {tuple(weight_scale.shape)}, expected "
+            f"{(weight_packed.shape[0], groups)} for group_size {group_size}"
+        )
 
 
 def dequant_matmul(
@@ -66,8 +119,26 @@ def dequant_matmul(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
+    outliers: Outliers | None = None,
+    prepared: PreparedWeight | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for packed ``W``; Triton where available, else the torch reference."""
-    return dequant_matmul_reference(
-        x, weight_packed, weight_scale, weight_zero_point, bits, group_size, bias
+    """``x @ W.T + bias`` for packed ``W``; Triton where available, else the torch reference.
+
+    ``prepared`` (from :func:`prepare_weight`) is what the Triton path reads instead of
+    ``weight_packed`` / ``weight_scale`` when given; the reference always reads the originals.
+    """
+    check_shapes(x, weight_packed, weight_scale, bits, group_size)
+    extra = [t for t in (weight_zero_point, bias) if t is not None]
+    if outliers is not None:
+        extra += list(outliers)
+    supported = bits in TRITON_BITS and group_size % (32 // bits) == 0 and x.dtype in TRITON_DTYPES
+    if not (supported and use_triton(x, weight_packed, weight_scale, *extra)):
+        return dequant_matmul_reference(
+            x, weight_packed, weight_scale, weight_zero_point, bits, group_size, bias, outliers
+        )
+    if prepared is None:  # the kernels take strides, so the original layout works as it is
+        prepared = PreparedWeight(weight_packed.t(), weight_scale.t())
+    kernels = triton_module("_wquant_triton")
+    return kernels.dequant_matmul_triton(
+        x, prepared, weight_zero_point, bits, group_size, bias, outliers
     )
