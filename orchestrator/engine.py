@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ class DDPEngine:
 
         self.model = model
         ids = [device.index] if device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=ids)
+        # Llama's buffers (rotary frequencies) are constants: broadcasting them every forward
+        # would be traffic no accounting sees.
+        self.ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.skipped = 0
         self.optimizer = build_optimizer(cfg.optimizer, model)
         gc = cfg.grad_compression
         if gc.method is Method.galore:
@@ -60,13 +64,21 @@ class DDPEngine:
         return self.ddp(ids).logits
 
     def step(self, loss: torch.Tensor, lr: float) -> dict[str, float]:
-        """Backward (DDP exchanges gradients), clip, update; the step's communication metrics."""
+        """Backward (DDP exchanges gradients), clip, update; the step's communication metrics.
+
+        A non-finite averaged gradient (the same on every rank) skips the update, with a warning,
+        instead of writing NaN into the weights and the optimizer state."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
-        _set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        return self.comm.end_step() if self.comm is not None else {}
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
+        if torch.isfinite(norm):
+            _set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+            warnings.warn(f"non-finite gradient norm ({norm.item()}); update skipped", stacklevel=2)
+        metrics = self.comm.end_step() if self.comm is not None else {}
+        return {**metrics, "train/skipped_steps": float(self.skipped)}
 
     def choices(self) -> dict[str, float]:
         """Per-layer compression parameter in force (rank, density or bits), if compressing."""
