@@ -124,6 +124,10 @@ class Link:
         if state["down"]:
             _DOWN.add(self.uri)
 
+    def retry(self) -> None:
+        """Give a server this process found down another chance (a new pipeline starts)."""
+        _DOWN.discard(self.uri)
+
     def send(self, record: dict) -> str | Registered | None:
         """:func:`apply` ``record`` now, or spool it (and return None) if the server is away or
         the record names a run or experiment that so far exists only in the spool."""

@@ -135,6 +135,7 @@ class Tracking:
         self.cfg = cfg
         self.uri = resolve_uri(cfg)
         self.link = Link(self.uri, spool_dir(cfg))
+        self.link.retry()
         location = None
         if self.uri.startswith("sqlite:"):  # a local store keeps artifacts beside it
             location = (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
