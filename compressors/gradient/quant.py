@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
-# The one place that picks the kernel implementation: switch to the dispatching
-# ``quantize_pack`` / ``unpack_dequantize`` of the same module once they exist (same signatures).
-from presso.kernels.grad_quant import quantize_pack_reference as quantize_pack
-from presso.kernels.grad_quant import unpack_dequantize_reference as unpack_dequantize
+# Fused Triton kernels on CUDA (and under TRITON_INTERPRET=1), the torch reference otherwise.
+from presso.kernels.grad_quant import quantize_pack, unpack_dequantize
 
 
 class Quantize:

@@ -12,7 +12,7 @@ from presso.orchestrator.data import ByteTokenizer, build_corpus, load_works, sp
 from presso.orchestrator.tracking import Tracking
 from presso.orchestrator.train import run_training
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 TINY = [
     "train.steps=6",
