@@ -53,7 +53,7 @@ def _sparse24_kernel(
         p1 = (pw >> (p_shift + 2)) & 3
         g = (4 * run // GROUP)[:, None]  # group_size is a multiple of 4: a run lies in one group
         scale, zero = _word_meta(
-            s_ptr, z_ptr, g, offs_n[None, :], mask, 1, s_sn, 1, s_zn, BITS, HAS_ZP
+            s_ptr, z_ptr, g, offs_n[None, :], mask, 1, s_sn, 1, s_zn, BITS, HAS_ZP, True
         )
         # Slot 0 counts when p0 <= p1, slot 1 when p0 < p1 (see the format in sparse24).
         w0 = tl.where(p0 <= p1, (c0 - zero) * scale, 0.0)[:, None, :]

@@ -63,15 +63,18 @@ def _load_words(w_ptr, kw, n, n_ok, KW, s_wk, s_wn, EVEN: tl.constexpr):
 
 @triton.jit
 def _word_meta(
-    s_ptr, z_ptr, g, n, mask, s_sg, s_sn, s_zg, s_zn, BITS: tl.constexpr, HAS_ZP: tl.constexpr
-):
+    s_ptr, z_ptr, g, n, mask, s_sg, s_sn, s_zg, s_zn,
+    BITS: tl.constexpr, HAS_ZP: tl.constexpr, ZP_PACKED: tl.constexpr,
+):  # fmt: skip
     """Scale and zero code (fp32) of group ``g`` for outputs ``n`` (broadcastable tensors)."""
     scale = tl.load(s_ptr + g * s_sg + n * s_sn, mask=mask, other=0.0)
-    if HAS_ZP:  # zero codes are packed along N
+    if not HAS_ZP:  # symmetric: codes are stored as q + 2**(bits-1)
+        zero = tl.full(scale.shape, 1 << (BITS - 1), tl.float32)
+    elif ZP_PACKED:  # compressed-tensors: zero codes packed along N
         zp_words = tl.load(z_ptr + g * s_zg + (n // (32 // BITS)) * s_zn, mask=mask, other=0)
         zero = ((zp_words >> ((n % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    else:  # symmetric: codes are stored as q + 2**(bits-1)
-        zero = tl.full(scale.shape, 1 << (BITS - 1), tl.float32)
+    else:  # prepare_weight: one fp16 per (group, output), loaded like the scales
+        zero = tl.load(z_ptr + g * s_zg + n * s_zn, mask=mask, other=0.0).to(tl.float32)
     return scale.to(tl.float32), zero
 
 
@@ -105,8 +108,8 @@ def _epilogue(
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, rp_ptr, oc_ptr, ov_ptr,
     M, N, K, KW, s_xm, s_wk, s_wn, s_sg, s_sn, s_zg, s_zn, magic,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_OUTLIERS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ZP_PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     # Everything is a [BLOCK_M, BLOCK_KW, BLOCK_N] broadcast so that all loads share the layout
@@ -136,7 +139,7 @@ def _gemv_kernel(
         high = words >> 16
         g = t * (BLOCK_KW * PW) // GROUP
         scale, zero = _word_meta(
-            s_ptr, z_ptr, g + 0 * kw, n3, n_ok, s_sg, s_sn, s_zg, s_zn, BITS, HAS_ZP
+            s_ptr, z_ptr, g + 0 * kw, n3, n_ok, s_sg, s_sn, s_zg, s_zn, BITS, HAS_ZP, ZP_PACKED
         )
         # sum_j x_j * (code_j - zero) * scale, with zero and scale taken out of the sum over j
         dot = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), tl.float32)
@@ -187,8 +190,8 @@ def _gemv_kernel(
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, oc_ptr, ov_ptr,
     M, N, K, KW, s_xm, s_wk, s_wn, s_sg, s_sn, s_zg, s_zn, magic, M_BUCKET,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_OUTLIERS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ZP_PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     PW: tl.constexpr = 32 // BITS
@@ -206,7 +209,18 @@ def _gemm_kernel(
         words = tl.load(w_ptr + kw[:, None] * s_wk + offs_n[None, :] * s_wn, mask=mask, other=0)
         g = (kw * PW // GROUP)[:, None]  # a tile may span groups (tl.dot needs K >= 16)
         scale, zero = _word_meta(
-            s_ptr, z_ptr, g, offs_n[None, :], mask, s_sg, s_sn, s_zg, s_zn, BITS, HAS_ZP
+            s_ptr,
+            z_ptr,
+            g,
+            offs_n[None, :],
+            mask,
+            s_sg,
+            s_sn,
+            s_zg,
+            s_zn,
+            BITS,
+            HAS_ZP,
+            ZP_PACKED,
         )
         # [BLOCK_KW, PW, BLOCK_N]: code j of word kw is input column kw * PW + j, so merging the
         # first two dims gives the [BLOCK_K, BLOCK_N] weight tile in column order.
@@ -235,8 +249,11 @@ def _fit_kw(block_kw: int, group: int, bits: int) -> int:
 
 
 def _gemv_prune(configs, named_args, **kwargs):
-    """Fit tiles to the group size; drop those whose accumulators would spill for this batch."""
-    bm, group, bits = named_args["BLOCK_M"], named_args["GROUP"], named_args["BITS"]
+    """Fit tiles to the group size; drop those whose accumulators would spill for this batch.
+
+    The autotuner passes positional arguments as ``named_args`` and keywords as ``kwargs``."""
+    args = {**named_args, **kwargs}
+    bm, group, bits = args["BLOCK_M"], args["GROUP"], args["BITS"]
     seen, kept = set(), []
     for c in configs:
         kw = dict(c.kwargs, BLOCK_KW=_fit_kw(c.kwargs["BLOCK_KW"], group, bits))
@@ -274,7 +291,7 @@ _GEMM_CONFIGS = [
         (64, 128, 16, 8, 3), (64, 128, 8, 4, 4), (128, 128, 16, 8, 3), (128, 128, 8, 8, 4),
     ]
 ]  # fmt: skip
-_KEY = ["N", "K", "GROUP", "BITS", "HAS_ZP", "s_wn"]  # s_wn: which weight layout
+_KEY = ["N", "K", "GROUP", "BITS", "HAS_ZP", "ZP_PACKED", "s_wn"]  # s_wn: which weight layout
 _gemv = triton.heuristics(_EVEN)(_gemv_kernel)
 _gemv_tuned = triton.autotune(
     _GEMV_CONFIGS, key=_KEY + ["BLOCK_M"], prune_configs_by={"early_config_prune": _gemv_prune}
@@ -311,27 +328,28 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def dequant_matmul_triton(
-    x, prepared, weight_zero_point, bits, group_size, bias=None, outliers=None,
-    config=None, gemv=None,
+    x, words, scale, zero, bits, group_size, bias=None, outliers=None,
+    zero_packed=False, config=None, gemv=None,
 ) -> torch.Tensor:  # fmt: skip
-    """The kernels' launcher. ``config`` fixes the tile sizes instead of autotuning (tests);
-    ``gemv`` forces a path (benchmarks), by default GEMV for ``M <= GEMV_MAX_M``."""
-    words, scale = prepared
+    """The kernels' launcher. ``words`` / ``scale`` are [KW, N] / [G, N] (any strides);
+    ``zero`` is None, compressed-tensors' packed zero points (``zero_packed``) or prepare_weight's
+    fp16 [G, N]. ``config`` fixes the tile sizes instead of autotuning (tests); ``gemv`` forces a
+    path (benchmarks), by default GEMV for ``M <= GEMV_MAX_M``."""
     kw_total, n = words.shape
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x2.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    zp = weight_zero_point
+    z_strides = (0, 0) if zero is None else zero.stride()[::-1] if zero_packed else zero.stride()
     rp, oc, ov = outliers if outliers is not None else (y, y, y)  # unused unless HAS_OUTLIERS
     args = dict(
-        x_ptr=x2, w_ptr=words, s_ptr=scale, z_ptr=zp if zp is not None else words,
+        x_ptr=x2, w_ptr=words, s_ptr=scale, z_ptr=zero if zero is not None else words,
         b_ptr=bias if bias is not None else y, y_ptr=y, rp_ptr=rp, oc_ptr=oc, ov_ptr=ov,
         M=m, N=n, K=k, KW=kw_total, s_xm=x2.stride(0), magic=MAGIC,
         s_wk=words.stride(0), s_wn=words.stride(1), s_sg=scale.stride(0), s_sn=scale.stride(1),
-        s_zg=zp.stride(1) if zp is not None else 0, s_zn=zp.stride(0) if zp is not None else 0,
-        BITS=bits, GROUP=group_size, HAS_ZP=zp is not None, HAS_BIAS=bias is not None,
+        s_zg=z_strides[0], s_zn=z_strides[1], BITS=bits, GROUP=group_size,
+        HAS_ZP=zero is not None, ZP_PACKED=zero_packed, HAS_BIAS=bias is not None,
         HAS_OUTLIERS=outliers is not None,
     )  # fmt: skip
     use_gemv = m <= GEMV_MAX_M if gemv is None else gemv

@@ -35,15 +35,31 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class PreparedWeight(NamedTuple):
-    """``weight_packed`` and ``weight_scale`` transposed once at load (N contiguous)."""
+    """A layer's packed tensors laid out once at load for the kernels: N is contiguous in all."""
 
-    words: torch.Tensor  # int32 [ceil(K * bits / 32), N]
-    scale: torch.Tensor  # [groups, N]
+    words: torch.Tensor  # int32 [ceil(K * bits / 32), N]: weight_packed transposed
+    scale: torch.Tensor  # [groups, N]: weight_scale transposed
+    zero: torch.Tensor | None  # fp16 [groups, N] zero codes (exact integers); None if symmetric
 
 
-def prepare_weight(weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> PreparedWeight:
-    """The one-time repack the kernels prefer; pass it as ``dequant_matmul(..., prepared=)``."""
-    return PreparedWeight(weight_packed.t().contiguous(), weight_scale.t().contiguous())
+def prepare_weight(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+) -> PreparedWeight:
+    """The one-time repack the kernels prefer; pass it as ``dequant_matmul(..., prepared=)``.
+
+    With N contiguous in the words, scales and zero points, every load of the GEMV kernel shares
+    one register layout (no shuffles) and its words load as 16-byte vectors. Unpacked fp16 zero
+    points cost 2 bytes per group and output instead of ``bits / 8`` (about 1.5 % more bytes than
+    the packed layer at 4 bits and groups of 128); the original tensors are not needed by it.
+    """
+    zero = None
+    if weight_zero_point is not None:
+        n = weight_packed.shape[0]
+        zero = unpack_int32(weight_zero_point, bits, n, dim=0).t().to(torch.float16).contiguous()
+    return PreparedWeight(weight_packed.t().contiguous(), weight_scale.t().contiguous(), zero)
 
 
 def dequantize_weight(
@@ -124,8 +140,8 @@ def dequant_matmul(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for packed ``W``; Triton where available, else the torch reference.
 
-    ``prepared`` (from :func:`prepare_weight`) is what the Triton path reads instead of
-    ``weight_packed`` / ``weight_scale`` when given; the reference always reads the originals.
+    When ``prepared`` (from :func:`prepare_weight`) is given, the Triton path reads it instead of
+    the packed tensors, which the reference (CPU) path keeps reading.
     """
     check_shapes(x, weight_packed, weight_scale, bits, group_size)
     extra = [t for t in (weight_zero_point, bias) if t is not None]
@@ -136,9 +152,11 @@ def dequant_matmul(
         return dequant_matmul_reference(
             x, weight_packed, weight_scale, weight_zero_point, bits, group_size, bias, outliers
         )
-    if prepared is None:  # the kernels take strides, so the original layout works as it is
-        prepared = PreparedWeight(weight_packed.t(), weight_scale.t())
     kernels = triton_module("_wquant_triton")
+    if prepared is not None:
+        return kernels.dequant_matmul_triton(x, *prepared, bits, group_size, bias, outliers)
+    # The kernels take strides, so compressed-tensors' layout works as it is (more slowly).
     return kernels.dequant_matmul_triton(
-        x, prepared, weight_zero_point, bits, group_size, bias, outliers
-    )
+        x, weight_packed.t(), weight_scale.t(), weight_zero_point, bits, group_size, bias,
+        outliers, zero_packed=True,
+    )  # fmt: skip

@@ -51,7 +51,7 @@ def test_prepared_layout_and_outliers(make_quantized, assert_close, m):
     outliers = outliers_from_dense(s)
     x = torch.randn(2, m, k, generator=gen).half()  # leading batch dims are flattened
     ref = wq.dequant_matmul_reference(x, wp, scale, zp, 4, 64, None, outliers)
-    prepared = wq.prepare_weight(wp, scale)
+    prepared = wq.prepare_weight(wp, scale, zp, 4)
     y = wq.dequant_matmul(x, wp, scale, zp, 4, 64, outliers=outliers, prepared=prepared)
     assert_close(y, ref)
     assert_close(wq.dequant_matmul(x, wp, scale, zp, 4, 64, outliers=outliers), ref)
@@ -72,9 +72,9 @@ def test_gemv_split_k(make_quantized, assert_close, config):
     n, k = 72, 160
     wp, scale, zp = make_quantized(n, k, 4, 32, True)
     x = torch.randn(3, k).half()
-    prepared = wq.prepare_weight(wp, scale)
-    y1 = kernels.dequant_matmul_triton(x, prepared, zp, 4, 32, config=config)
-    y2 = kernels.dequant_matmul_triton(x, prepared, zp, 4, 32, config=config)
+    prepared = wq.prepare_weight(wp, scale, zp, 4)
+    y1 = kernels.dequant_matmul_triton(x, *prepared, 4, 32, config=config)
+    y2 = kernels.dequant_matmul_triton(x, *prepared, 4, 32, config=config)
     assert torch.equal(y1, y2)
     assert_close(y1, wq.dequant_matmul_reference(x, wp, scale, zp, 4, 32))
     assert all(int(c.abs().sum()) == 0 for c in kernels._counters.values())
@@ -86,10 +86,10 @@ def test_gemv_and_gemm_agree_at_batch_8(make_quantized, assert_close):
     kernels = triton_module("_wquant_triton")
     wp, scale, zp = make_quantized(64, 128, 4, 128, False)
     x = torch.randn(8, 128)
-    prepared = wq.prepare_weight(wp, scale)
+    prepared = wq.prepare_weight(wp, scale, zp, 4)
     ref = wq.dequant_matmul_reference(x, wp, scale, zp, 4, 128)
-    assert_close(kernels.dequant_matmul_triton(x, prepared, zp, 4, 128, gemv=True), ref)
-    assert_close(kernels.dequant_matmul_triton(x, prepared, zp, 4, 128, gemv=False), ref)
+    assert_close(kernels.dequant_matmul_triton(x, *prepared, 4, 128, gemv=True), ref)
+    assert_close(kernels.dequant_matmul_triton(x, *prepared, 4, 128, gemv=False), ref)
 
 
 def test_unsupported_widths_fall_back_to_reference(make_quantized, monkeypatch):
@@ -126,3 +126,20 @@ def test_outlier_format_round_trip(k, col_dtype):
     assert int(o.row_ptr[-1]) == int((s != 0).sum())
     assert torch.equal(outliers_to_dense(o, k), s)
     assert o.nbytes == 4 * 7 + o.values.numel() * (2 + col_dtype.itemsize)
+
+
+def test_gemv_autotune_list_fits_groups_and_registers():
+    """On CUDA the GEMV configs are pruned per call: tiles shrink to whole groups (g32 at 4 bits
+    is 4 words), duplicates go, and batch 8 keeps only tiles whose accumulators fit registers.
+    The autotuner hands keyword arguments to the pruner, as here."""
+    kernels = triton_module("_wquant_triton")
+    configs = kernels._GEMV_CONFIGS
+    small = kernels._gemv_prune(configs, {}, BLOCK_M=1, GROUP=32, BITS=4)
+    assert {c.kwargs["BLOCK_KW"] for c in small} == {4}
+    assert len(small) == len({(tuple(sorted(c.kwargs.items())), c.num_warps) for c in small})
+    wide = kernels._gemv_prune(configs, {}, BLOCK_M=1, GROUP=128, BITS=4)
+    assert max(c.kwargs["BLOCK_KW"] for c in wide) == 16 and len(wide) >= len(configs) - 1
+    batch8 = kernels._gemv_prune(configs, {}, BLOCK_M=8, GROUP=128, BITS=4)
+    assert batch8 and all(
+        8 * c.kwargs["BLOCK_KW"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps for c in batch8
+    )
