@@ -38,22 +38,25 @@ TINY = [
 ]
 
 
+def train_metrics_arrived(client: MlflowClient) -> bool:
+    try:
+        experiment = client.get_experiment_by_name(NAME)
+        if experiment is None:
+            return False
+        runs = client.search_runs([experiment.experiment_id], "tags.`presso.stage` = 'train'")
+        return bool(runs and runs[0].data.metrics)
+    except Exception:  # the server may be busy: ask again
+        return False
+
+
 def stop_once_training_logs(server, stopped: threading.Event, deadline: float) -> None:
     """Stop the server as soon as the train stage's first metrics reach it."""
     client = MlflowClient(server.uri)
     while time.monotonic() < deadline:
-        try:
-            experiment = client.get_experiment_by_name(NAME)
-            if experiment is not None:
-                runs = client.search_runs(
-                    [experiment.experiment_id], "tags.`presso.stage` = 'train'"
-                )
-                if runs and runs[0].data.metrics:
-                    server.stop()
-                    stopped.set()
-                    return
-        except Exception:  # the server may be busy; try again
-            pass
+        if train_metrics_arrived(client):
+            stopped.set()  # first: stop() may time out waiting for the server's job
+            server.stop()  # consumers when its port is already closed
+            return
         time.sleep(0.2)
 
 
