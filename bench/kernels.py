@@ -4,7 +4,7 @@ On CUDA, for (M, K, N) in {1, 16, 128} x {(4096, 4096), (4096, 11008), (11008, 4
 
 - ``cublas_fp16``: ``torch.nn.functional.linear`` with the dense fp16 weight (cuBLAS);
 - ``w4a16``: :func:`presso.kernels.wquant_matmul.dequant_matmul`, int4, groups of 128, asymmetric,
-  on the N-major layout of ``prepare_weight`` (split-K GEMV for batch <= 8, tl.dot GEMM above);
+  on the N-major layout of ``prepare_weight`` (split-K GEMV for batch <= 4, tl.dot GEMM above);
 - ``w4a16_ct``: the same on compressed-tensors' layout as stored (no repack);
 - ``w4a16_2of4``: :func:`presso.kernels.sparse24.sparse24_matmul`, 2:4 sparse int4;
 

@@ -22,7 +22,7 @@ _word_meta = _dense._word_meta
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_G": 16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _sparse24_kernel(
     x_ptr, v_ptr, p_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, s_xm, s_vn, s_pn, s_sn, s_zn, magic, M_BUCKET,
@@ -55,11 +55,12 @@ def _sparse24_kernel(
         scale, zero = _word_meta(
             s_ptr, z_ptr, g, offs_n[None, :], mask, 1, s_sn, 1, s_zn, BITS, HAS_ZP, True
         )
-        # Slot 0 counts when p0 <= p1, slot 1 when p0 < p1 (see the format in sparse24).
+        # Slot 0 counts when p0 <= p1, slot 1 when p0 < p1 (see the format in sparse24); a slot
+        # that does not count is zero, so two selects scatter both into [BLOCK_G, 4, BLOCK_N]
+        # (column 4 * run + j, in column order).
         w0 = tl.where(p0 <= p1, (c0 - zero) * scale, 0.0)[:, None, :]
         w1 = tl.where(p0 < p1, (c1 - zero) * scale, 0.0)[:, None, :]
-        # Scatter both slots into [BLOCK_G, 4, BLOCK_N]: column 4 * run + j, in column order.
-        w = tl.where(p0[:, None, :] == j, w0, 0.0) + tl.where(p1[:, None, :] == j, w1, 0.0)
+        w = tl.where(p0[:, None, :] == j, w0, tl.where(p1[:, None, :] == j, w1, 0.0))
         w = tl.reshape(w.to(DOT_DTYPE), (4 * BLOCK_G, BLOCK_N))
         k = 4 * t * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
         xt = tl.load(
@@ -77,8 +78,8 @@ def _sparse24_kernel(
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
     for bm, bn, bg, w, s in [
-        (16, 64, 16, 4, 3), (16, 128, 16, 4, 3), (16, 64, 32, 4, 3), (32, 128, 16, 4, 3),
-        (64, 64, 32, 4, 3), (64, 128, 16, 8, 3), (128, 128, 16, 8, 3),
+        (16, 64, 16, 4, 3), (16, 128, 16, 8, 3), (32, 128, 16, 8, 3), (64, 64, 16, 4, 3),
+        (64, 128, 16, 8, 3), (128, 128, 16, 8, 3),
     ]
 ]  # fmt: skip
 _tuned = triton.autotune(

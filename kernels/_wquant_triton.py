@@ -1,24 +1,26 @@
 """Triton kernels behind :func:`presso.kernels.wquant_matmul.dequant_matmul`.
 
-Both kernels walk K in tiles of ``BLOCK_KW`` int32 words and split each tile into ``PW = 32 // bits``
-phases: phase ``j`` is code ``j`` of every word, i.e. input columns ``kw * PW + j``. A phase's
-weights are one shift and mask away and its activations one strided load, so no register
-reshuffle is needed. Codes become floats by OR-ing them into the mantissa of 2**23 and subtracting
-2**23, which is exact and cheaper than an int-to-float conversion. Group sizes are multiples of
-``PW``, so each word lies in a single group and its scale and zero point are loaded once per word.
+Both kernels walk K in tiles of ``BLOCK_KW`` int32 words, each holding ``PW = 32 // bits`` codes of
+consecutive input columns. Codes become floats by OR-ing them into the mantissa of 2**23 and
+subtracting 2**23: exact, and cheaper than an int-to-float conversion (slow on Hopper). Group
+sizes are multiples of ``PW``, so a word lies in one group and its scale and zero point are
+loaded once per word.
 
-- ``_gemv_kernel`` (M <= 8, memory bound): a program owns ``BLOCK_N`` outputs and one of
-  ``SPLIT_K`` slices of K, accumulates ``x * code`` elementwise in fp32 registers, applies the
-  group's scale and zero point once per word, and reduces across K once at the end. With
-  ``SPLIT_K > 1`` every program writes an fp32 partial; the last one of its column tile to finish
-  (an atomic counter) sums the partials in split order, adds bias and outliers and writes the
-  output, then resets the counter: one launch, no memset, and a result that does not depend on
-  scheduling.
-- ``_gemm_kernel`` (M > 8): ``BLOCK_M x BLOCK_N`` output tiles; each phase is dequantized to the
-  activation dtype and fed to ``tl.dot`` with fp32 accumulation.
+- ``_gemv_kernel`` (any M <= 8; the default for M <= GEMV_MAX_M): a program owns ``BLOCK_N``
+  outputs and one of ``SPLIT_K`` slices of K. It walks the word tile in ``PW`` phases (phase ``j``
+  is code ``j`` of every word, masked in place: one LOP3 + one FADD per code), multiplies by the
+  matching activations, accumulates elementwise in fp32 registers, applies scale and zero point
+  once per word and reduces across K once at the end. With ``SPLIT_K > 1`` each program writes an
+  fp32 partial; the last one of its column tile to finish (an atomic counter) sums the partials in
+  split order, adds bias and outliers, writes the output and resets the counter: one launch, no
+  memset, and a result that does not depend on scheduling.
+- ``_gemm_kernel``: ``BLOCK_M x BLOCK_N`` output tiles; the word tile is expanded to
+  ``[BLOCK_KW, PW, BLOCK_N]`` codes, dequantized to the activation dtype and reshaped to the
+  ``[BLOCK_K, BLOCK_N]`` weight tile of one ``tl.dot`` (fp32 accumulation).
 
-Kernels read weights and scales through strides, so they take either compressed-tensors' layout or
-the N-contiguous one of :func:`presso.kernels.wquant_matmul.prepare_weight`.
+Kernels read weights, scales and zero points through strides: they take compressed-tensors'
+layout as stored, or the N-contiguous one of :func:`presso.kernels.wquant_matmul.prepare_weight`,
+on which every GEMV load shares one register layout (the fast path).
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ import triton.language as tl
 from presso.kernels.dispatch import interpreting
 
 INTERPRETED = interpreting()  # the mode these kernels were built in (see dispatch.triton_module)
-GEMV_MAX_M = 8
+# The GEMV kernel takes batches up to 8, but its cost grows with the batch (one FMA per row per
+# code) while the tl.dot kernel's does not: compiled for sm_90 it issues ~4.8 / 6.5 / 10.4 / 21.7
+# instructions per int4 code at batch 1 / 2 / 4 / 8 against ~10 for the GEMM, so GEMV stops at 4.
+# bench/kernels.py times both paths at batch 1, 2, 4 and 8 to check the switch on a GPU.
+GEMV_MAX_M = 4
 # fp32 bits of 2**23, passed as a kernel argument rather than a literal: ptxas then keeps it in
 # one register and gives the LOP3 the per-code mask as its immediate, instead of rebuilding the
 # masks in registers for every code.
@@ -186,7 +192,7 @@ def _gemv_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, rp_ptr, oc_ptr, ov_ptr,
     M, N, K, KW, s_xm, s_wk, s_wn, s_sg, s_sn, s_zg, s_zn, magic, M_BUCKET,

@@ -42,19 +42,20 @@ def _x(m, k, dtype, seed=0):
 def test_dense_kernels_on_cuda(
     make_quantized, assert_close, m, n, k, bits, group, asym, dtype, prepared
 ):
-    """GEMV (batch <= 8) and tl.dot GEMM on CUDA, both weight layouts, ragged N and K: the
+    """GEMV (batch <= 8 here) and tl.dot GEMM on CUDA, both weight layouts, ragged N and K: the
     compiled code (vector loads, wgmma, split-K fixup through L2) computes the reference."""
     kernels = triton_module("_wquant_triton")
     wp, scale, zp = make_quantized(n, k, bits, group, asym, seed=m, device="cuda")
     x = _x(m, k, dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
-    config = GEMV if m <= kernels.GEMV_MAX_M else GEMM
+    gemv = m <= 8  # the GEMV kernel takes up to 8 rows, whatever the default switch
+    config = GEMV if gemv else GEMM
     if prepared:
         layout = wq.prepare_weight(wp, scale, zp, bits)
-        y = kernels.dequant_matmul_triton(x, *layout, bits, group, bias, config=config)
+        y = kernels.dequant_matmul_triton(x, *layout, bits, group, bias, config=config, gemv=gemv)
     else:  # compressed-tensors' layout as stored, read through strides
         y = kernels.dequant_matmul_triton(
-            x, wp.t(), scale.t(), zp, bits, group, bias, zero_packed=True, config=config
+            x, wp.t(), scale.t(), zp, bits, group, bias, zero_packed=True, config=config, gemv=gemv
         )
     assert_close(y, wq.dequant_matmul_reference(x, wp, scale, zp, bits, group, bias))
 

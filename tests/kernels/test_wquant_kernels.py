@@ -81,8 +81,9 @@ def test_gemv_split_k(make_quantized, assert_close, config):
 
 
 def test_gemv_and_gemm_agree_at_batch_8(make_quantized, assert_close):
-    """Batch 8 sits on the GEMV side of the switch; the tl.dot path must give the same product
-    so the switch point can move (GEMV_MAX_M) without changing results beyond rounding."""
+    """The GEMV kernel takes up to 8 rows and the tl.dot kernel any number: at batch 8 both give
+    the reference's product, so the switch point (GEMV_MAX_M) can move without changing results
+    beyond rounding."""
     kernels = triton_module("_wquant_triton")
     wp, scale, zp = make_quantized(64, 128, 4, 128, False)
     x = torch.randn(8, 128)
