@@ -34,5 +34,6 @@ def print_summary(s: dict, console: Console | None = None) -> None:
     if "artifact" in s:
         console.print(f"artifact: {s['artifact']}")
     if "model_version" in s:
-        console.print(f"registered: {s['registered_model']} version {s['model_version']}")
+        alias = "champion" if s.get("champion") else "candidate"
+        console.print(f"registered: {s['registered_model']} version {s['model_version']} ({alias})")
     console.print(f"MLflow run {s.get('run_id')} at {s.get('tracking_uri')}")
