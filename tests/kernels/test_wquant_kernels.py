@@ -38,6 +38,32 @@ def test_matches_reference(make_quantized, assert_close, m, n, k, bits, group, a
     assert_close(y, wq.dequant_matmul_reference(x, wp, scale, zp, bits, group, bias))
 
 
+def _random_case(i: int) -> tuple:
+    """Seeded draw of (M, N, K, bits, group, asym, dtype); K is any multiple of 4."""
+    gen = torch.Generator().manual_seed(100 + i)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    m = pick([1, 2, 3, 4, 5, 9, 16, 33, 40])
+    n = pick(range(17, 131))
+    k = 4 * pick(range(8, 80))
+    dtype = pick([torch.float16, torch.bfloat16, torch.float32])
+    return m, n, k, pick([2, 4, 8]), pick([32, 64, 128]), pick([True, False]), dtype
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_random_shapes(make_quantized, assert_close, i):
+    """Seeded random batch, N, K (any multiple of 4), width, group, zero point and dtype: edges
+    the hand-picked cases miss still compute the reference's product."""
+    m, n, k, bits, group, asym, dtype = _random_case(i)
+    wp, scale, zp = make_quantized(n, k, bits, group, asym, seed=i)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(i)).to(dtype)
+    prepared = wq.prepare_weight(wp, scale, zp, bits) if i % 2 else None
+    y = wq.dequant_matmul(x, wp, scale, zp, bits, group, prepared=prepared)
+    assert_close(y, wq.dequant_matmul_reference(x, wp, scale, zp, bits, group))
+
+
 @pytest.mark.parametrize("m", [1, 2, 16])
 def test_prepared_layout_and_outliers(make_quantized, assert_close, m):
     """The N-major repack of prepare_weight and the CSR outlier epilogue give the same product;
