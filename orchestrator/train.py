@@ -95,6 +95,21 @@ class MetricsBuffer:
             self.pending.clear()
 
 
+def log_comm_plots(logger: RunLogger, layers: list[str]) -> None:
+    """Bytes sent per step against dense, and the per-layer choices over time (a heat map)."""
+    from presso.orchestrator.plots import plot_bytes_per_step, plot_layer_choices
+
+    sent, dense = logger.history("comm/bytes_sent"), dict(logger.history("comm/dense_bytes"))
+    if not sent:
+        return
+    steps = [s for s, _ in sent]
+    plot_bytes_per_step(logger, steps, [v for _, v in sent], [dense.get(s, 0.0) for s in steps])
+    if layers:
+        histories = [dict(logger.history(f"comm/choice/{name}")) for name in layers]
+        choices = [[h.get(s, float("nan")) for s in steps] for h in histories]
+        plot_layer_choices(logger, layers, steps, choices, label="parameter")
+
+
 def _step_metrics(loss: float, lr: float, seconds: float, tokens: int, comm: dict) -> dict:
     return {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / seconds, **comm}
 
@@ -153,6 +168,8 @@ def train_worker(config: dict) -> None:
         if done == t.steps:
             metrics["train/replicas_identical"] = float(replicas_identical(model))
         log.add(metrics, done, flush=evaluate)
+        if done == t.steps and log.logger is not None:
+            log_comm_plots(log.logger, sorted(engine.choices()))
 
         if done % t.checkpoint_every == 0 or done == t.steps:
             with tempfile.TemporaryDirectory() as tmp:
