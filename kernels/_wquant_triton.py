@@ -282,14 +282,18 @@ _EVEN = {  # whole tiles need no bounds masks
 
 # Short lists: each config is compiled per (bits, group, zero point, bias, outliers, batch bucket).
 # GEMV tiles are N-major (prepare_weight's layout): BLOCK_N wide keeps several outputs per thread,
-# so each activation load serves several codes; SPLIT_K adds programs when N alone is too few.
+# so each activation load serves several codes. Batch 1 is latency bound unless ~20 KB per SM are
+# in flight: each program keeps two tiles in flight, so SPLIT_K multiplies programs until a
+# 4096 x 4096 layer has several hundred (e.g. 64 wide x 8 splits = 512 programs of 2 warps).
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": sk}, num_warps=w)
     for bn, bkw, sk, w in [
         (128, 16, 1, 4), (128, 16, 2, 4), (128, 16, 4, 4), (256, 16, 2, 4), (256, 16, 4, 8),
-        (64, 16, 4, 2), (128, 32, 2, 4), (256, 8, 4, 4), (64, 16, 8, 2), (128, 8, 8, 2),
+        (64, 16, 4, 2), (256, 8, 4, 4), (64, 16, 8, 2), (128, 8, 8, 2), (64, 16, 16, 2),
+        (32, 16, 8, 1),
     ]
 ]  # fmt: skip
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _GEMV_CONFIGS)
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=s)
     for bm, bn, bkw, w, s in [
@@ -363,7 +367,8 @@ def dequant_matmul_triton(
         config = GEMV_INTERPRET if use_gemv else GEMM_INTERPRET
     if use_gemv:
         block_m = triton.next_power_of_2(m)
-        part = torch.empty(8 * m * n, dtype=torch.float32, device=x.device)  # up to SPLIT_K=8
+        split = MAX_SPLIT_K if config is None else config["SPLIT_K"]
+        part = torch.empty(split * m * n, dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device, n)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         if config is None:
