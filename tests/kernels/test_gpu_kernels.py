@@ -19,6 +19,7 @@ from presso.kernels.packing import pack_int32
 pytestmark = pytest.mark.gpu
 
 GEMV = {"BLOCK_N": 128, "BLOCK_KW": 16, "SPLIT_K": 4}
+GEMV_BATCH = {"BLOCK_N": 64, "BLOCK_KW": 8, "SPLIT_K": 4}  # batch 3..8: smaller accumulators
 GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KW": 16}
 
 
@@ -49,7 +50,7 @@ def test_dense_kernels_on_cuda(
     x = _x(m, k, dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
     gemv = m <= 8  # the GEMV kernel takes up to 8 rows, whatever the default switch
-    config = GEMV if gemv else GEMM
+    config = (GEMV if m <= 2 else GEMV_BATCH) if gemv else GEMM
     if prepared:
         layout = wq.prepare_weight(wp, scale, zp, bits)
         y = kernels.dequant_matmul_triton(x, *layout, bits, group, bias, config=config, gemv=gemv)
