@@ -1,0 +1,209 @@
+"""Low-rank optimizers side by side: AdamW, GaLore, GradNormLoRP (fp32 and 8-bit states), and
+GaLore's projected-gradient all-reduce against dense DDP.
+
+    python bench/optim.py [--quick]
+
+Every row trains the same from-scratch Llama (the quickstart's: hidden 256, 4 layers, byte
+tokens) on the same Shakespeare batches with the same seed, steps and learning rate (3e-3,
+warm-up then cosine) on 2 Ray Train workers; only ``train.optimizer`` (and, for the ``+comm``
+rows, ``train.grad_compression.method: galore``) differs. Settings chosen once for all low-rank
+rows:
+
+* rank 64 = hidden / 4, the GaLore paper's rank-to-width ratio for its pre-training runs;
+* a subspace refresh every 50 steps: 6 in a 300-step run (the paper's 200 is for runs of 10k+
+  steps, and subspaces move fastest early in training);
+* scale 1.0: the rows share one learning rate, and the paper's scale 0.25 comes paired with a
+  learning rate several times its AdamW baseline's; with scale 1 a low-rank coordinate takes
+  AdamW's step size at the shared rate. Projections on the smaller side; moments re-projected
+  at a refresh (the defaults); embeddings and norms stay on AdamW in every row.
+
+Columns (``bench/results/optim.json`` holds one object per row with exactly these fields):
+
+* ``state_bytes``: bytes of the optimizer's state tensors on a worker after the last step
+  (moments, 8-bit codes and scales, projectors, step counters); ``state_ratio`` is that over
+  AdamW's.
+* ``peak_rss_mb``: peak resident memory of rank 0's worker process (most of it is the Python,
+  torch and Ray runtime, the same in every row).
+* ``final_val_loss``: mean next-byte NLL on fixed held-out windows after the last step;
+  ``loss_gap_pct`` is ``100 * (loss - AdamW's) / AdamW's``.
+* ``ms_per_step``: median wall time of a training step (forward, backward with the gradient
+  exchange, optimizer step); the median keeps out load spikes from other processes.
+* ``comm_bytes_per_step``: bytes one worker hands to collectives per step, mean over all steps
+  (subspace refreshes included). Plain DDP all-reduces every fp32 gradient every step; the
+  ``+comm`` rows send GaLore's projected gradients between refreshes (the comm hook's count).
+
+galore-torch's ``GaLoreAdamW`` joins as a peer row when it is importable *and* the train stage
+accepts ``train.optimizer.name: galore_torch``; otherwise that row is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+
+from harness import RESULTS, Bench, TrainRun, format_table, load_average, mean, median
+
+WORKERS = 2
+FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50)
+QUICK = dict(steps=20, eval_every=20, eval_batches=2, rank=16, gap=8)
+QUICK_MODEL = [  # a tiny Llama: the quick run checks the pipeline, not the numbers
+    "model.scratch.hidden_size=64",
+    "model.scratch.num_layers=2",
+    "model.scratch.intermediate_size=128",
+    "train.batch_size=4",
+    "train.seq_len=64",
+]
+SCALE = 1.0
+OPT, GC = "train.optimizer", "train.grad_compression"
+PEER = "galore_torch"
+
+
+def rows() -> list[tuple[str, list[str]]]:
+    """``(label, overrides)`` of every row, AdamW first (the reference)."""
+    names = ["adamw", "galore", "galore8bit", "gradnormlorp", "gradnormlorp8bit"]
+    result = [(name, [f"{OPT}.name={name}"]) for name in names]
+    result += [
+        (f"{name}+comm", [f"{OPT}.name={name}", f"{GC}.method=galore"])
+        for name in ("galore", "galore8bit")
+    ]
+    if peer_status() is None:
+        result.append((f"{PEER} (peer)", [f"{OPT}.name={PEER}"]))
+    return result
+
+
+def peer_status() -> str | None:
+    """Why the galore-torch row cannot run here, or None when it can."""
+    from presso.compressors.optim.config import OPTIMIZERS
+
+    if importlib.util.find_spec(PEER) is None:
+        return "galore-torch is not installed (pip install 'presso[peers]')"
+    if PEER not in OPTIMIZERS:
+        return f"the train stage has no train.optimizer.name {PEER} to plug it in"
+    return None
+
+
+def base_overrides(s: dict, quick: bool) -> list[str]:
+    return [
+        f"train.workers={WORKERS}",
+        f"train.steps={s['steps']}",
+        f"train.eval_every={s['eval_every']}",
+        f"train.eval_batches={s['eval_batches']}",
+        f"train.checkpoint_every={s['steps']}",
+        f"{OPT}.rank={s['rank']}",
+        f"{OPT}.update_proj_gap={s['gap']}",
+        f"{OPT}.scale={SCALE}",
+        *(QUICK_MODEL if quick else []),
+    ]
+
+
+def measure(run: TrainRun, label: str, reference: dict | None) -> dict:
+    """One JSON row from a row's histories (see the module docstring for the definitions)."""
+    state = run.final("train/optimizer_state_bytes")
+    loss = run.final("val/loss")
+    sent = [b for _, b in run.series("comm/bytes_sent")]
+    ref_state = reference["state_bytes"] if reference else state
+    ref_loss = reference["final_val_loss"] if reference else loss
+    return {
+        "optimizer": label,
+        "state_bytes": int(state),
+        "state_ratio": round(state / ref_state, 4),
+        "peak_rss_mb": round(run.final("train/peak_rss_mb"), 1),
+        "final_val_loss": round(loss, 4),
+        "loss_gap_pct": round(100 * (loss - ref_loss) / ref_loss, 2),
+        "ms_per_step": round(1000 * median(run.step_seconds()), 1),
+        "comm_bytes_per_step": round(mean(sent)) if sent else run.dense_bytes,
+    }
+
+
+def projected_fraction(model, rank: int) -> float:
+    """The fraction of dense bytes GaLore's hook should send between refreshes: ``r x max(m, n)``
+    for each low-rank ``m x n`` weight (the smaller side projected to ``r``), every other
+    parameter whole."""
+    from presso.compressors.optim import OptimizerConfig, low_rank_parameters
+
+    cfg = OptimizerConfig()
+    low = {id(p) for p in low_rank_parameters(model, cfg.modules, cfg.exclude).values()}
+    sent = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        sent += min(rank, min(p.shape)) * max(p.shape) if id(p) in low else p.numel()
+    return sent / total
+
+
+def between_refreshes(run: TrainRun, expected: float) -> str:
+    """The comm hook's bytes on steps that refreshed no subspace, against dense DDP."""
+    quiet = {s for s, n in run.series("comm/refreshed_layers") if n == 0}
+    sent = mean([b for s, b in run.series("comm/bytes_sent") if s in quiet])
+    refreshes = len(run.series("comm/refreshed_layers")) - len(quiet)
+    return (
+        f"{sent:,.0f} B/step between refreshes = {sent / run.dense_bytes:.4f} x dense "
+        f"(r x max(m, n) per low-rank weight, the rest whole: {expected:.4f}); "
+        f"{refreshes} refresh steps sent more"
+    )
+
+
+COLUMNS = [  # (field, header, width, format)
+    ("optimizer", "optimizer", 16, "{}"),
+    ("state_bytes", "state bytes", 12, "{:,}"),
+    ("state_ratio", "ratio", 6, "{:.3f}"),
+    ("peak_rss_mb", "peak RSS MB", 11, "{:.0f}"),
+    ("final_val_loss", "val loss", 9, "{:.4f}"),
+    ("loss_gap_pct", "gap", 8, "{:+.2f}%"),
+    ("ms_per_step", "ms/step", 8, "{:.0f}"),
+    ("comm_bytes_per_step", "comm B/step", 12, "{:,}"),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    tick = time.perf_counter()
+    results, loads, notes = [], [], []
+    plan = rows()
+    with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
+        for i, (label, overrides) in enumerate(plan, 1):
+            run = bench.run(label.split(" ")[0].replace("+", "_"), overrides)
+            results.append(measure(run, label, results[0] if results else None))
+            loads.append(run.load)
+            if label.endswith("+comm"):
+                plain = next(r for r in results if r["optimizer"] == label.removesuffix("+comm"))
+                diff = results[-1]["final_val_loss"] - plain["final_val_loss"]
+                expected = projected_fraction(bench.model(bench.config([])), s["rank"])
+                notes.append(
+                    f"{label}: {between_refreshes(run, expected)}; val loss {diff:+.4f} vs DDP"
+                )
+            r = results[-1]
+            print(
+                f"[{i}/{len(plan)}] {label}: {run.wall_s:.0f} s, val {r['final_val_loss']:.4f}, "
+                f"state {r['state_ratio']:.3f}x, load {run.load[0]:.1f}->{run.load[1]:.1f}",
+                flush=True,
+            )
+    if (why := peer_status()) is not None:
+        notes.append(f"{PEER} (peer) row skipped: {why}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"optim{'_quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    seen = [x for pair in loads for x in pair]
+    print(
+        f"\nlow-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
+        f"refresh every {s['gap']} steps, scale {SCALE}"
+        f"{' (quick: tiny model)' if args.quick else ''}"
+    )
+    print(format_table(results, COLUMNS))
+    print(
+        "state: optimizer state tensors per worker; comm B/step: per worker, mean over all "
+        "steps (dense DDP for rows without the comm hook); ms/step: median.\n"
+        f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
+        f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
+    )
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
