@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from presso import UnsupportedError
-from presso.compressors.registry import register_format
+from presso import ConfigError, UnsupportedError
+from presso.compressors.registry import check_range, register_format
 from presso.kernels.packing import pack_int32, unpack_int32
 from presso.kernels.wquant_matmul import dequant_matmul
 
@@ -195,3 +195,21 @@ def fit_grid(
     wg = group_view(w.float(), group_size)
     scale, zero = grid_from_range(wg.amin(-1), wg.amax(-1), bits, symmetric)
     return _nonzero(scale.to(scale_dtype)), zero
+
+
+@dataclass
+class GridSettings:
+    """The grid settings every weight quantizer shares; quantizer dataclasses extend it."""
+
+    bits: int = 4  # code width, 2..8
+    group_size: int = 128  # input columns sharing a scale; -1 for one scale per output row
+    symmetric: bool = True  # zero point fixed at 0 (else a per-group zero point is stored)
+
+    def validate(self, prefix: str) -> None:
+        check_range(f"{prefix}.bits", self.bits, 2, 8)
+        if self.group_size != PER_CHANNEL and self.group_size <= 0:
+            raise ConfigError(f"{prefix}.group_size: must be positive or -1, got {self.group_size}")
+
+    def check_shape(self, out_features: int, in_features: int, name: str) -> None:
+        """Raise ``UnsupportedError`` before any work if the layer's shape cannot be gridded."""
+        resolve_group_size(in_features, self.group_size, name)
