@@ -1,0 +1,157 @@
+"""The block-by-block pipeline on a tiny Llama: composable steps, exact artifacts, early errors."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import presso
+from presso import ConfigError, DataError, UnsupportedError
+from presso.compressors.artifact import save_compressed
+from presso.compressors.ptq import (
+    Recipe,
+    accumulate_stats,
+    apply_records,
+    block_outputs,
+    capture_block_inputs,
+    compress_model,
+    merge_stats,
+    solve_layer,
+    validate_model,
+)
+
+GRID = {"bits": 4, "group_size": 32}
+RECIPES = {
+    "rtn": [{"rtn": GRID}],
+    "gptq": [{"gptq": GRID}],
+    "gptq-actorder-asym": [{"gptq": {**GRID, "act_order": True, "symmetric": False}}],
+    "awq": [{"awq": GRID}],
+    "awq+gptq": [{"awq": GRID}, {"gptq": GRID}],
+    "spqr": [{"spqr": {"bits": 3}}],
+    "adadim": [{"adadim": {**GRID, "method": "rtn"}}],
+    "magnitude": [{"magnitude": {}}],
+    "wanda-2:4": [{"wanda": {"pattern": "2:4"}}],
+    "sparsegpt": [{"sparsegpt": {"sparsity": 0.5}}],
+    "sparsegpt-2:4-w4": [{"sparsegpt": {"pattern": "2:4", **GRID}}],
+    "sparsegpt-w4": [{"sparsegpt": {"sparsity": 0.5, **GRID}}],
+}
+
+
+@pytest.fixture
+def calib():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 96, (2, 16), generator=gen) for _ in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_artifact_reloads_to_the_compressed_model_exactly(tiny_llama, calib, tmp_path, name):
+    """Every stored format must reload into a model whose logits equal, bit for bit, those of
+    the model the pipeline left behind (weights replaced by their dequantized values), and the
+    artifact's size must count every tensor the records store (masks, outliers, statistics)."""
+    records = compress_model(tiny_llama, RECIPES[name], calib)
+    assert len(records) == 2 * 7
+    info = save_compressed(tiny_llama, records, tmp_path / "art")
+    stored = sum(
+        t.numel() * t.element_size() for r in records.values() for t in r.tensors().values()
+    )
+    assert info.compressed_bytes == stored
+    loaded = presso.load_compressed(tmp_path / "art")
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, tiny_llama(ids).logits)
+
+
+def test_steps_compose_to_compress_model(tiny_llama, calib):
+    """The lead distributes the steps: run by hand, over two data shards whose statistics are
+    summed, they must give exactly the records compress_model gives in one process."""
+    reference = compress_model(copy.deepcopy(tiny_llama), [{"gptq": GRID}], calib)
+    recipe = Recipe.parse([{"gptq": GRID}])
+    inputs = capture_block_inputs(tiny_llama, calib)
+    records = {}
+    for prefix, block, linears in validate_model(tiny_llama, recipe):
+        shards = [inputs.shard(i, 2) for i in range(2)]
+        parts = [accumulate_stats(block, s, recipe.solver.make_stats, linears) for s in shards]
+        stats = merge_stats(parts)
+        done = {n: solve_layer(recipe.solver, m.weight, stats[n], n) for n, m in linears.items()}
+        apply_records(block, done, prefix)
+        records.update(done)
+        inputs = block_outputs(block, inputs)
+    assert records.keys() == reference.keys()
+    for name, rec in records.items():
+        assert torch.equal(rec.q, reference[name].q), name
+        assert torch.equal(rec.scale, reference[name].scale), name
+
+
+def test_later_blocks_calibrate_on_compressed_earlier_blocks(tiny_llama, calib):
+    """Sequential calibration: block 1's statistics must come from block 0's compressed outputs,
+    so that block 1 can compensate block 0's errors."""
+    recipe = Recipe.parse([{"gptq": GRID}])
+    plan = validate_model(tiny_llama, recipe)
+    inputs = capture_block_inputs(tiny_llama, calib)
+    (_, block0, _), (_, block1, lin1) = plan
+    clean = accumulate_stats(block1, block_outputs(block0, inputs), recipe.solver.make_stats, lin1)
+    seen = {}
+    compress_model(
+        tiny_llama,
+        recipe,
+        calib,
+        progress=lambda r: seen.setdefault(r.block, r),
+    )
+    inputs = capture_block_inputs(tiny_llama, calib)  # block 0 is compressed now
+    after = accumulate_stats(block1, block_outputs(block0, inputs), recipe.solver.make_stats, lin1)
+    name = next(iter(lin1))
+    assert not torch.allclose(clean[name].xtx, after[name].xtx, rtol=1e-6)
+    assert set(seen) == {0, 1} and seen[0].blocks == 2 and 0 <= seen[0].rel_error < 1
+
+
+def test_bad_group_size_fails_before_any_work(tiny_llama):
+    """A group size that does not divide a layer's width must fail up front, naming the layer,
+    without touching the model or reading calibration data."""
+    consumed = []
+
+    def batches():
+        consumed.append(True)
+        yield torch.zeros(1, 4, dtype=torch.long)
+
+    before = copy.deepcopy(tiny_llama.state_dict())
+    with pytest.raises(UnsupportedError, match=r"model\.layers\.0\.self_attn\.q_proj.*48"):
+        compress_model(tiny_llama, [{"gptq": {"group_size": 48}}], batches())
+    assert not consumed
+    for k, v in tiny_llama.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_nan_activations_fail_naming_the_layer(tiny_llama, calib):
+    """A NaN produced inside the model (here by a corrupt up_proj) must stop calibration with
+    the name of the layer whose inputs it reached."""
+    with torch.no_grad():
+        tiny_llama.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        compress_model(tiny_llama, [{"gptq": GRID}], calib, ignore=["up_proj"])
+
+
+def test_unsupported_modules_are_listed_once_and_ignore_works(tiny_llama, calib, caplog):
+    tiny_llama.model.layers[1].mlp.extra = torch.nn.Conv1d(4, 4, 1)  # weighted, not a Linear
+    with caplog.at_level(logging.WARNING):
+        records = compress_model(tiny_llama, [{"rtn": GRID}], calib, ignore=["mlp.down_proj"])
+    lines = [r for r in caplog.records if "unsupported" in r.getMessage()]
+    assert len(lines) == 1 and "model.layers.1.mlp.extra (Conv1d)" in lines[0].getMessage()
+    assert not any(n.endswith("down_proj") for n in records) and len(records) == 12
+
+
+def test_recipe_composition_rules():
+    """Transforms first, one solver last; anything else is a config error naming the entry."""
+    assert Recipe.parse([{"awq": GRID}]).transforms  # AWQ alone: transform and solver
+    assert len(Recipe.parse([{"awq": GRID}, {"gptq": GRID}]).transforms) == 1
+    with pytest.raises(ConfigError, match=r"compress\.recipe\[0\].*last entry"):
+        Recipe.parse([{"gptq": GRID}, {"awq": GRID}])
+    with pytest.raises(ConfigError, match="empty"):
+        Recipe.parse([])
+    with pytest.raises(ConfigError, match=r"compress\.recipe\[0\]\.gptq\.bits"):
+        Recipe.parse([{"gptq": {"bits": 9}}])
