@@ -12,7 +12,8 @@ plus, on 4096 x 4096, the GEMV and the GEMM path forced at batch 1, 2, 4, 8 (whe
 Each time is the median of ``--reps`` runs between CUDA events, with L2 flushed before every run
 so weights come from HBM. GB/s counts the bytes a kernel must move (weights, scales, zero points,
 activations, output); speedup is cuBLAS's time over the kernel's. Writes ``--out`` as JSON
-(``rows``: ``M, K, N, kernel, us, gbps, speedup`` plus ``pct_peak`` and ``max_err``) and prints a
+(``rows``: ``M, K, N, kernel, us, gbps, speedup`` plus ``us_eager``, ``pct_peak`` and ``max_err``;
+``us`` is the CUDA-graph replay time) and prints a
 table.
 
 On a machine without CUDA it runs the kernels' correctness sweep under Triton's interpreter and
@@ -64,12 +65,30 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _time_us(fn, reps: int, flush: torch.Tensor) -> float:
+def _time_us(fn, reps: int, flush: torch.Tensor) -> tuple[float, float]:
+    """Median GPU microseconds of ``fn`` with a cold L2: ``(graph, eager)``.
+
+    A batch-1 layer runs in a few microseconds, less than Python takes to launch it, so the
+    eager figure mostly measures launch overhead. Replaying ``fn`` from a CUDA graph (as an
+    inference engine would) measures the kernel itself; both are reported."""
     fn()  # compiles and autotunes
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn()
+    return _median_us(graph.replay, reps, flush), _median_us(fn, reps, flush)
+
+
+def _median_us(fn, reps: int, flush: torch.Tensor) -> float:
     torch.cuda.synchronize()
     events = []
     for _ in range(reps):
-        flush.zero_()  # evict L2: ~100 us of GPU work, which also hides the launch overhead
+        flush.zero_()  # evict L2
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -101,7 +120,7 @@ def gpu_benchmark(args) -> list[dict]:
 
     def add(m, k, n, kernel, fn, nbytes, ref):
         err = _rel_err(fn(), ref)
-        us = _time_us(fn, args.reps, flush)
+        us, us_eager = _time_us(fn, args.reps, flush)
         rows.append(
             dict(
                 M=m,
@@ -109,11 +128,15 @@ def gpu_benchmark(args) -> list[dict]:
                 N=n,
                 kernel=kernel,
                 us=round(us, 2),
+                us_eager=round(us_eager, 2),
                 gbps=round(nbytes / us / 1e3, 1),
                 max_err=float(f"{err:.2e}"),
             )  # fmt: skip
         )
-        print(f"  {kernel:<16} M={m:<4} K={k:<6} N={n:<6} {us:9.2f} us", flush=True)
+        print(
+            f"  {kernel:<16} M={m:<4} K={k:<6} N={n:<6} {us:9.2f} us ({us_eager:.2f} eager)",
+            flush=True,
+        )
 
     for k, n in SHAPES:
         codes, wp, scale, zp = _packed_layer(n, k, device=DEVICE)

@@ -42,7 +42,9 @@ def quantize_pack_reference(
     xb = torch.cat([x, fill.expand(pad)]).reshape(n_buckets, bucket_size)
     lo = xb.amin(dim=1, keepdim=True)
     levels = (1 << bits) - 1
-    scale = (xb.amax(dim=1, keepdim=True) - lo) / levels
+    # A tensor divisor: CUDA divides by a Python scalar through its reciprocal, which would not
+    # be the correctly rounded division the kernels (and the CPU) compute.
+    scale = (xb.amax(dim=1, keepdim=True) - lo) / torch.full_like(lo, levels)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant bucket: codes are 0
     if noise is None:
         noise = uniform_noise(n_buckets, bucket_size, seed, device=x.device)

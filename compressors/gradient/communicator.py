@@ -40,6 +40,9 @@ from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, power_s
 from presso.compressors.gradient.quant import Quantize
 from presso.compressors.gradient.topk import TopK
 
+# torch 2.13 renamed all_gather_into_tensor (still there, deprecated); GPU images often ship older.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Communicator:
     """Compressed gradient exchange for one DDP model. Build with :func:`build_communicator`."""
@@ -117,7 +120,7 @@ class Communicator:
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.stats.record(payload_bytes(t), 0)
         out = t.new_empty(self.world * t.numel())
-        dist.all_gather_single(out, t, group=self.group)
+        _all_gather_single(out, t, group=self.group)
         return out.view(self.world, -1)
 
     def _broadcast(self, t: torch.Tensor) -> None:
