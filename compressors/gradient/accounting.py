@@ -38,7 +38,9 @@ class CommStats:
         metrics = {
             "comm/bytes_sent": float(self.bytes_sent),
             "comm/dense_bytes": float(self.dense_bytes),
-            "comm/compression_ratio": self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0,
+            "comm/compression_ratio": self.dense_bytes / self.bytes_sent
+            if self.bytes_sent
+            else 1.0,
         }
         self.steps += 1
         self.total_bytes_sent += self.bytes_sent
