@@ -16,7 +16,7 @@ import torch
 from presso import ConfigError, UnsupportedError
 from presso.compressors.registry import check_range, register_format
 from presso.kernels.packing import pack_int32, unpack_int32
-from presso.kernels.wquant_matmul import dequant_matmul
+from presso.kernels.wquant_matmul import dequant_matmul, prepare_weight
 
 PER_CHANNEL = -1  # group_size value meaning "one group spanning the whole row"
 
@@ -169,8 +169,16 @@ class QuantizedLinear(torch.nn.Module):
         for name in ("weight_packed", "weight_scale", "weight_zero_point"):
             self.register_buffer(name, tensors.get(name))
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self._prepared = None  # the kernels' repacked layout, built on first use on a GPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prepared = None
+        if x.is_cuda:
+            if self._prepared is None or self._prepared.words.device != x.device:
+                self._prepared = prepare_weight(
+                    self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits
+                )
+            prepared = self._prepared
         return dequant_matmul(
             x,
             self.weight_packed,
@@ -179,6 +187,7 @@ class QuantizedLinear(torch.nn.Module):
             self.bits,
             self.group_size,
             self.bias,
+            prepared=prepared,
         )
 
     def extra_repr(self) -> str:
