@@ -40,8 +40,11 @@ from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, power_s
 from presso.compressors.gradient.quant import Quantize
 from presso.compressors.gradient.topk import TopK
 
-# torch 2.13 renamed all_gather_into_tensor (still there, deprecated); GPU images often ship older.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def _all_gather_single(out: torch.Tensor, t: torch.Tensor, group) -> None:
+    """torch 2.13's name for all_gather_into_tensor (still there, deprecated); GPU images often
+    ship an older torch. Looked up per call, so a spy on either one sees the traffic."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, t, group=group)
 
 
 class Communicator:
