@@ -1,6 +1,7 @@
 """Shared test settings: quiet telemetry, CUDA-only tests skipped without CUDA, tiny models."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,16 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Triton's own jit helpers (tl.cdiv, ...) are built when triton.language is first imported,
+    # in the mode TRITON_INTERPRET has then. Other tests import it indirectly (torch, DeepSpeed)
+    # before the kernel tests run, so build it for the interpreter now, once; the kernel tests
+    # set the variable per test, and everything else keeps the torch references.
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language  # noqa: F401
+
+    del os.environ["TRITON_INTERPRET"]
 
 
 def pytest_collection_modifyitems(config, items):
