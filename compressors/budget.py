@@ -1,0 +1,312 @@
+"""Compress a model to a budget: per-layer bits, sparsity or rank, chosen by the shared solver.
+
+The weight-side twin of L-GreCo: measure every layer's error for every candidate setting, then
+let :mod:`presso.compressors.solver` (the same knapsack the gradient controller uses) pick one
+candidate per layer::
+
+    stats = calibrate(model, calib_batches)                # one pass over the dense model
+    options = measure_model(model, stats, CandidateGrid())  # bytes and proxy error per candidate
+    planner = Planner(model, options, tokenizer)
+    plan = planner.for_bytes(parse_bytes("40MB"))          # or for_avg_bits(3.5), for_error(E)
+    records = compress_model(model, [plan.solver()], calib_batches, ignore=plan.ignore)
+    save_compressed(model, records, "out/", tokenizer)     # == plan.artifact_bytes, <= 40 MB
+
+Statistics and measurements are made once; any number of budgets can then be planned from them
+(the any-size sweep). The chosen settings are solved properly (GPTQ, SparseGPT, output-optimal
+low rank) with sequential calibration, like any uniform recipe.
+
+**Whole-artifact byte budgets.** Tensor bytes are exact per candidate; metadata (safetensors
+header, config.json, manifest, tokenizer files) is rendered exactly by
+:class:`~presso.compressors.artifact_size.ArtifactSizer`. A candidate's cost is its tensor bytes
+plus its own header entries; the rest is held back as a reserve. If the exact size of the plan
+still exceeds the budget (schemes differ in length), the reserve grows by the excess and the
+knapsack runs again, so the result never exceeds the budget and its size is known to the byte.
+
+**Perplexity budgets** (:meth:`Planner.search_ppl`): bisection over the total-error budget ``E``
+on a log scale. Each step plans the fewest bytes with error ``<= E``, has the caller solve and
+measure it, and keeps the smallest plan within the allowed increase; ``steps`` evaluations in all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import torch
+
+from presso import ConfigError, UnsupportedError
+from presso.compressors.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
+from presso.compressors.calibration import HessianStats
+from presso.compressors.candidates import Candidate, CandidateGrid, Option, measure_layer
+from presso.compressors.ptq import (
+    Recipe,
+    accumulate_stats,
+    block_outputs,
+    capture_block_inputs,
+    validate_model,
+)
+from presso.compressors.registry import check_range
+from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str, key: str = "compress.budget.bytes") -> int:
+    """Bytes from an int or a string: ``"40MB"`` is 40·10⁶ bytes, ``"40MiB"`` 40·2²⁰."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in UNITS:
+        raise ConfigError(
+            f"{key}: expected a byte count such as 40000000, '40MB' (10^6 bytes) or '40MiB' "
+            f"(2^20 bytes); units B, kB, MB, GB, KiB, MiB, GiB; got {value!r}"
+        )
+    return int(Decimal(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+@dataclass
+class BudgetConfig:
+    """What the compressed model may cost; set exactly one of the three budgets."""
+
+    bytes: str | None = None  # whole artifact at most: 40000000, "40MB" (10^6) or "40MiB" (2^20)
+    avg_bits: float | None = None  # stored bits per planned weight, scales and masks included
+    max_ppl_increase_pct: float | None = None  # allowed perplexity rise, held-out calibration
+    search_steps: int = 6  # perplexity evaluations spent by the max_ppl_increase_pct search
+
+    def validate(self, prefix: str) -> None:
+        given = [k for k in ("bytes", "avg_bits", "max_ppl_increase_pct") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"{prefix}: set exactly one of bytes, avg_bits, max_ppl_increase_pct; got "
+                f"{given or 'none'}"
+            )
+        if self.bytes is not None:
+            parse_bytes(self.bytes, f"{prefix}.bytes")
+        if self.avg_bits is not None:
+            check_range(f"{prefix}.avg_bits", self.avg_bits, 0.01, 32)
+        if self.max_ppl_increase_pct is not None:
+            check_range(f"{prefix}.max_ppl_increase_pct", self.max_ppl_increase_pct, 1e-6, 1e6)
+        check_range(f"{prefix}.search_steps", self.search_steps, 1, 100)
+
+
+def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, torch.nn.Linear]:
+    """The decoder-block linears a plan covers, in the order the pipeline solves them."""
+    blocks = validate_model(model, Recipe([], None), ignore)
+    return {name: lin for _, _, linears in blocks for name, lin in linears.items()}
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
+) -> dict[str, HessianStats]:
+    """Every planned layer's input Hessian from one pass over the (dense) model."""
+    blocks = validate_model(model, Recipe([], None), ignore)
+    inputs = capture_block_inputs(model, calib_batches)
+    stats = {}
+    for i, (_, block, linears) in enumerate(blocks):
+        stats.update(accumulate_stats(block, inputs, HessianStats.empty, linears))
+        if i + 1 < len(blocks):
+            inputs = block_outputs(block, inputs)
+    return stats
+
+
+def measure_model(
+    model: torch.nn.Module,
+    stats: dict[str, HessianStats],
+    grid: CandidateGrid,
+    ignore: Iterable[str] = ("lm_head",),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[Option]]:
+    """Each planned layer's measured candidates (one process; workers split the same calls)."""
+    out = {}
+    for name, lin in planned_layers(model, ignore).items():
+        out[name] = measure_layer(lin.weight, stats[name], grid, name)
+        if progress is not None:
+            progress(name)
+    return out
+
+
+def min_artifact_bytes(
+    model: torch.nn.Module, grid: CandidateGrid, ignore: Iterable[str], tokenizer=None
+) -> int:
+    """The exact artifact size with every layer at its cheapest quantized or pruned setting.
+
+    Needs shapes only, no calibration, so a budget below it is refused before any work. (Low-rank
+    candidates are not counted: their ranks are known only once the layers are measured.)
+    """
+    layers: dict[str, LayerRecord] = {}
+    for name, lin in planned_layers(model, ignore).items():
+        n, k = lin.weight.shape
+        c = min(grid.candidates(k), key=lambda c: c.nbytes(n, k, lin.weight.dtype))
+        if c.kind != "dense":
+            record = c.proxy(torch.zeros(n, k))  # for the format and scheme config.json lists
+            layers[name] = (record.format, record.scheme(), c.tensor_specs(n, k))
+    return ArtifactSizer(model, tokenizer).total(layers)
+
+
+@dataclass
+class PlanSolver:
+    """A recipe solver giving each layer its planned setting, so the PTQ pipeline (one process
+    or distributed) solves a plan like any uniform recipe."""
+
+    choices: dict[str, Candidate]  # layer name → planned setting (layers left dense excluded)
+    damp: float = 0.01  # Hessian dampening of GPTQ, SparseGPT and the low-rank fit
+
+    name = "budget-plan"
+    needs_calibration = True
+
+    def make_stats(self, in_features: int) -> HessianStats:
+        return HessianStats.empty(in_features)
+
+    def compress(self, weight: torch.Tensor, stats: HessianStats, name: str = "layer"):
+        return self.choices[name].solver(self.damp).compress(weight, stats, name)
+
+
+@dataclass
+class BudgetPlan:
+    """One candidate per planned layer, with the exact size of the artifact it will give."""
+
+    names: list[str]  # planned layers, in pipeline order
+    chosen: list[Option]  # the chosen option of each
+    artifact_bytes: int  # what save_compressed(model, records, path, tokenizer) will write
+    weights: int  # weights in the planned layers
+
+    @property
+    def layer_bytes(self) -> int:
+        """Stored bytes of the planned layers (a dense layer counts its own weight)."""
+        return sum(o.bytes for o in self.chosen)
+
+    @property
+    def avg_bits(self) -> float:
+        return 8 * self.layer_bytes / max(self.weights, 1)
+
+    @property
+    def total_error(self) -> float:
+        return math.fsum(o.error for o in self.chosen)
+
+    @property
+    def ignore(self) -> list[str]:
+        """Planned layers that stay dense: pass them to the pipeline's ``ignore``."""
+        return [n for n, o in zip(self.names, self.chosen) if o.format is None]
+
+    def solver(self, damp: float = 0.01) -> PlanSolver:
+        choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
+        return PlanSolver(choices, damp)
+
+    def rows(self) -> list[dict]:
+        return [
+            {"layer": n, "choice": o.candidate.label, "bytes": o.bytes, "error": o.error}
+            for n, o in zip(self.names, self.chosen)
+        ]
+
+    def table(self) -> str:
+        """The plan as text: one line per layer, then the totals."""
+        width = max(len(n) for n in self.names)
+        lines = [f"{'layer':<{width}}  {'choice':<16} {'bytes':>11} {'pred. error':>12}"]
+        for r in self.rows():
+            lines.append(
+                f"{r['layer']:<{width}}  {r['choice']:<16} {r['bytes']:>11,} {r['error']:>12.4g}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {f'{self.avg_bits:.3f} bits/w':<16} {self.layer_bytes:>11,} "
+            f"{self.total_error:>12.4g}   artifact {self.artifact_bytes:,} bytes"
+        )
+        return "\n".join(lines)
+
+
+class Planner:
+    """Plans for any budget from one table of measured options (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, options: dict[str, list[Option]], tokenizer=None):
+        self.names = list(options)
+        self.options = [options[n] for n in self.names]
+        self.sizer = ArtifactSizer(model, tokenizer)
+        modules = dict(model.named_modules())
+        self.weights = sum(modules[n].weight.numel() for n in self.names)
+        digits = len(str(self.sizer.total({})))  # offsets in the header have about this many
+        self.cost = [
+            [o.bytes + sum(entry_bytes(f"{n}.{s}", *spec, digits) for s, spec in o.specs.items())
+             for o in opts]
+            for n, opts in zip(self.names, self.options)
+        ]  # fmt: skip
+        self.errors = [[o.error for o in opts] for opts in self.options]
+
+    def plan(self, choice: list[int]) -> BudgetPlan:
+        chosen = [opts[k] for opts, k in zip(self.options, choice)]
+        layers: dict[str, LayerRecord] = {
+            n: (o.format, o.scheme, o.specs) for n, o in zip(self.names, chosen) if o.format
+        }
+        return BudgetPlan(self.names, chosen, self.sizer.total(layers), self.weights)
+
+    def smallest(self) -> BudgetPlan:
+        return self.plan([min(range(len(c)), key=c.__getitem__) for c in self.cost])
+
+    def for_bytes(self, max_bytes: int) -> BudgetPlan:
+        """The least-error plan whose whole artifact is at most ``max_bytes``."""
+        floor = self.smallest()
+        if floor.artifact_bytes > max_bytes:
+            raise UnsupportedError(
+                f"budget {max_bytes:,} bytes is below the smallest artifact this model and "
+                f"candidate grid allow ({floor.artifact_bytes:,} bytes, every layer at its "
+                "cheapest candidate); raise the budget or offer cheaper candidates"
+            )
+        floor_cost = sum(min(c) for c in self.cost)
+        reserve = floor.artifact_bytes - floor_cost
+        while max_bytes - reserve >= floor_cost:
+            best = min_error_within_bytes(self.cost, self.errors, max_bytes - reserve)
+            plan = self.plan(best.choice)
+            if plan.artifact_bytes <= max_bytes:
+                return plan
+            reserve += plan.artifact_bytes - max_bytes
+        return floor
+
+    def for_avg_bits(self, avg_bits: float) -> BudgetPlan:
+        """The least-error plan storing at most ``avg_bits`` per planned weight."""
+        sizes = [[o.bytes for o in opts] for opts in self.options]
+        max_bytes = math.floor(avg_bits * self.weights / 8)
+        return self.plan(min_error_within_bytes(sizes, self.errors, max_bytes).choice)
+
+    def for_error(self, max_error: float) -> BudgetPlan:
+        """The smallest plan whose predicted total error is at most ``max_error``."""
+        return self.plan(min_bytes_within_error(self.cost, self.errors, max_error).choice)
+
+    def search_ppl(
+        self,
+        ppl_of: Callable[[BudgetPlan], float],
+        base_ppl: float,
+        max_increase_pct: float,
+        steps: int = 6,
+    ) -> tuple[BudgetPlan, list[dict]]:
+        """The smallest plan found whose perplexity (``ppl_of``, measured by the caller on
+        held-out data) is within ``max_increase_pct`` of ``base_ppl``, and the search history.
+
+        Bisection on a log scale of the error budget, between the smallest plan's error and
+        ``1e-6`` of it (or the least error the candidates allow, if larger).
+        """
+        target = base_ppl * (1 + max_increase_pct / 100)
+        bad = self.smallest().total_error  # more error than this buys no fewer bytes
+        ok = max(sum(min(e) for e in self.errors), bad * 1e-6)
+        best, history, measured = None, [], {}
+        for _ in range(steps):
+            budget = math.sqrt(ok * bad) if ok > 0 else bad / 1e3
+            plan = self.for_error(budget)
+            key = tuple(o.candidate for o in plan.chosen)
+            if key not in measured:  # nearby budgets often give the very same plan
+                measured[key] = ppl_of(plan)
+            ppl = measured[key]
+            history.append({"max_error": budget, "artifact_bytes": plan.artifact_bytes, "ppl": ppl})
+            if ppl <= target:
+                ok = budget
+                if best is None or plan.artifact_bytes < best.artifact_bytes:
+                    best = plan
+            else:
+                bad = budget
+        if best is None:
+            raise UnsupportedError(
+                f"no plan tried in {steps} evaluations kept perplexity within "
+                f"{max_increase_pct}% of {base_ppl:.4g} (best {min(h['ppl'] for h in history):.4g}); "
+                "allow a larger increase or more search_steps"
+            )
+        return best, history

@@ -1,0 +1,258 @@
+"""Per-layer candidates of the budget planner: each one's exact stored bytes and its output error.
+
+A layer of ``N`` outputs and ``K`` inputs is offered (a :class:`CandidateGrid` says which):
+
+- **quantized**: bits × group sizes (those dividing ``K``; ``-1`` is one scale per row) ×
+  symmetric/asymmetric grids, stored ``pack-quantized``;
+- **pruned**: a pattern (``2:4`` or ``unstructured`` at ``sparsity``), with the kept values in
+  fp16 or on a grid (joint prune + quantize, e.g. 2:4 + W4);
+- **low-rank**: ranks read off the layer's whitened singular-value spectrum
+  (:mod:`presso.compressors.lowrank`), ``US`` and ``V`` in fp16;
+- **dense**: the layer stays as it is.
+
+**Bytes** come from the shape alone (:meth:`Candidate.tensor_specs`): the exact tensors a stored
+record holds — codes, scales, zero points, masks, offsets, shape tensors — so a budget can be
+checked before any calibration. The tests hold them equal to what ``save_compressed`` stores.
+
+**Errors** are a cheap proxy of the output error ``‖X Wᵀ - X Ŵᵀ‖²`` per calibration token,
+``tr(Δ H Δᵀ)`` with the full mean Hessian (fp32 products: a ranking, not a report), where ``Δ``
+is the error of the data-free version of the candidate: round-to-nearest for grids, magnitude
+masks for pruning. The low-rank factors are already the output-optimal ones. The planner then
+solves each chosen setting properly (GPTQ, SparseGPT: :meth:`Candidate.solver`), which only
+lowers the errors; the proxy decides where the bytes go.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from presso import ConfigError
+from presso.compressors.calibration import HessianStats
+from presso.compressors.lowrank import LowRank, spectrum_ranks, whitened_svd
+from presso.compressors.prune.formats import (
+    Sparse24QuantizedWeight,
+    SparseQuantizedWeight,
+    sparse_record,
+)
+from presso.compressors.prune.masks import parse_pattern, prune_mask
+from presso.compressors.prune.sparsegpt import SparseGPT
+from presso.compressors.quant.base import PER_CHANNEL
+from presso.compressors.quant.gptq import GPTQ
+from presso.compressors.quant.rtn import RTN
+from presso.compressors.registry import check_range
+
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored tensor suffix → (dtype, shape)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a layer. ``bits == 0`` means values are not on an integer grid."""
+
+    bits: int = 0  # code width of the stored values; 0: fp16 (pruned) or untouched (dense)
+    group_size: int = PER_CHANNEL  # input columns sharing a scale when bits > 0; -1 per row
+    symmetric: bool = True  # zero point fixed at 0 when bits > 0
+    pattern: str = ""  # pruning: "2:4" (any "N:M") or "unstructured"; "" keeps every weight
+    sparsity: float = 0.0  # fraction removed by the "unstructured" pattern
+    rank: int = 0  # > 0: low-rank factors of this rank
+
+    @property
+    def kind(self) -> str:
+        if self.rank:
+            return "lowrank"
+        if self.pattern:
+            return "sparse"
+        return "quant" if self.bits else "dense"
+
+    @property
+    def label(self) -> str:
+        grid = ""
+        if self.bits:
+            g = "ch" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+            grid = f"W{self.bits} {g}" + ("" if self.symmetric else " asym")
+        if self.rank:
+            return f"rank {self.rank}"
+        if self.pattern:
+            prune = self.pattern if ":" in self.pattern else f"{self.sparsity:.0%}"
+            return f"{prune}+{grid}" if grid else prune
+        return grid or "dense"
+
+    def _nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern) if self.pattern else None
+
+    def kept(self, n: int, k: int) -> int:
+        """Weights a pruned record keeps (both pruners remove exactly this many)."""
+        nm = self._nm()
+        if nm is None:
+            return n * k - round(self.sparsity * n * k) if self.pattern else n * k
+        return n * (k // nm[1]) * nm[0]
+
+    def tensor_specs(self, n: int, k: int, dtype: torch.dtype = torch.float32) -> Specs:
+        """The tensors this candidate's record stores for an ``[n, k]`` weight (``dtype``: the
+        weight's own, for a layer left dense)."""
+        i64, i32, f16 = torch.int64, torch.int32, torch.float16
+        shape = {"weight_shape": (i64, (2,))}
+        if self.rank:
+            return {"weight_us": (f16, (n, self.rank)), "weight_v": (f16, (self.rank, k)), **shape}
+        if self.kind == "dense":
+            return {"weight": (dtype, (n, k))}
+        mask = {"bitmask": (torch.uint8, (n, math.ceil(k / 8)))}
+        two_four = self._nm() == (2, 4)
+        if not self.bits:  # pruned, fp16 values (sparse-bitmask / sparse-24-bitmask)
+            if two_four:
+                return {"shape": (i64, (2, 1)), "compressed": (f16, (n, k // 2)), **mask}
+            kept = self.kept(n, k)
+            return {"shape": (i64, (2,)), "compressed": (f16, (kept,)), **mask,
+                    "row_offsets": (i64, (n,))}  # fmt: skip
+        b = self.bits
+        groups = 1 if self.group_size == PER_CHANNEL else k // self.group_size
+        grid = {"weight_scale": (f16, (n, groups)), **shape}
+        if not self.symmetric:
+            grid["weight_zero_point"] = (i32, (math.ceil(n * b / 32), groups))
+        if not self.pattern:
+            return {"weight_packed": (i32, (n, math.ceil(k * b / 32))), **grid}
+        if two_four:
+            return {**grid, "weight_values": (i32, (n, math.ceil(k // 2 * b / 32))),
+                    "weight_positions": (i32, (n, math.ceil(k / 32)))}  # fmt: skip
+        return {**grid, "weight_packed": (i32, (1, math.ceil(self.kept(n, k) * b / 32))), **mask}
+
+    def nbytes(self, n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+        return spec_bytes(self.tensor_specs(n, k, dtype))
+
+    def solver(self, damp: float = 0.01):
+        """The calibrated algorithm that solves this setting for real (``None``: stays dense)."""
+        grid = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.rank:
+            return LowRank(rank=self.rank, damp=damp)
+        if self.pattern:
+            prune = {"pattern": self.pattern, "damp": damp}
+            if self.pattern == "unstructured":
+                prune["sparsity"] = self.sparsity
+            return SparseGPT(**prune, **(grid if self.bits else {}))
+        return GPTQ(**grid, damp=damp) if self.bits else None
+
+    def proxy(self, weight: torch.Tensor):
+        """The data-free record whose error stands in for this candidate's (not low-rank)."""
+        rtn = RTN(self.bits, self.group_size, self.symmetric) if self.bits else None
+        if not self.pattern:
+            return rtn.compress(weight)
+        nm = self._nm()
+        mask = prune_mask(weight.abs(), self.sparsity, nm, per_row=False)
+        if rtn is None:
+            return sparse_record(weight, mask, nm, torch.float16)
+        cls = Sparse24QuantizedWeight if nm == (2, 4) else SparseQuantizedWeight
+        return cls(mask, rtn.compress(weight * mask))  # pruned weights sit on the zero point
+
+
+def spec_bytes(specs: Specs) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+
+
+@dataclass
+class CandidateGrid:
+    """Which settings every planned layer is offered (those its shape allows)."""
+
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # quantized code widths
+    group_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, -1])  # -1: per row
+    symmetric: list[bool] = field(default_factory=lambda: [True, False])  # grid variants tried
+    sparse_patterns: list[str] = field(default_factory=lambda: ["2:4", "unstructured"])
+    sparsity: float = 0.5  # fraction removed by the "unstructured" pattern
+    sparse_bits: list[int] = field(default_factory=lambda: [0, 4])  # pruned values: 0 = fp16
+    lowrank_energy: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9, 0.95])
+    dense: bool = True  # a layer may stay uncompressed
+    damp: float = 0.01  # Hessian dampening of the solvers and the low-rank fit
+
+    def validate(self, prefix: str) -> None:
+        for i, b in enumerate(self.bits):
+            check_range(f"{prefix}.bits[{i}]", b, 2, 8)
+        for i, b in enumerate(self.sparse_bits):
+            if b:
+                check_range(f"{prefix}.sparse_bits[{i}]", b, 2, 8)
+        for i, g in enumerate(self.group_sizes):
+            if g != PER_CHANNEL and g <= 0:
+                raise ConfigError(f"{prefix}.group_sizes[{i}]: must be positive or -1, got {g}")
+        for i, p in enumerate(self.sparse_patterns):
+            parse_pattern(p, f"{prefix}.sparse_patterns[{i}]")
+        for i, e in enumerate(self.lowrank_energy):
+            check_range(f"{prefix}.lowrank_energy[{i}]", e, 1e-6, 1.0)
+        check_range(f"{prefix}.sparsity", self.sparsity, 0.01, 0.99)
+        check_range(f"{prefix}.damp", self.damp, 0.0, 1.0)
+        if not (self.bits or self.sparse_patterns or self.lowrank_energy or self.dense):
+            raise ConfigError(f"{prefix}: offers no candidate; give bits, patterns or ranks")
+
+    def _groups(self, k: int) -> list[int]:
+        """Group sizes that fit ``k`` columns; a group as wide as the row is per-row."""
+        fits = {PER_CHANNEL if g in (PER_CHANNEL, k) else g for g in self.group_sizes}
+        return sorted(g for g in fits if g == PER_CHANNEL or k % g == 0)
+
+    def candidates(self, k: int) -> list[Candidate]:
+        """Every candidate a layer with ``k`` input columns is offered, except low-rank ones
+        (their ranks depend on the layer's spectrum)."""
+        groups, variants = self._groups(k), list(dict.fromkeys(self.symmetric))
+
+        def grids(widths: list[int]) -> list[tuple[int, int, bool]]:
+            return [(b, g, s) for b in widths for g in groups for s in variants]
+
+        out = [Candidate(b, g, s) for b, g, s in grids(self.bits)]
+        for pattern in self.sparse_patterns:
+            nm = parse_pattern(pattern)
+            if nm is not None and k % nm[1]:
+                continue
+            sparsity = self.sparsity if nm is None else 0.0
+            values = grids([b for b in self.sparse_bits if b])
+            if 0 in self.sparse_bits:
+                values.insert(0, (0, PER_CHANNEL, True))
+            out += [Candidate(b, g, s, pattern, sparsity) for b, g, s in values]
+        if self.dense:
+            out.append(Candidate())
+        return list(dict.fromkeys(out))
+
+
+@dataclass
+class Option:
+    """A measured candidate of one layer: what the planner chooses among."""
+
+    candidate: Candidate
+    bytes: int  # stored tensor bytes (the record's, or the dense weight's)
+    error: float  # proxy output error per calibration token
+    format: str | None  # stored record format; None when the layer stays dense
+    scheme: dict | None  # the record's scheme, as the artifact's config.json lists it
+    specs: Specs  # the stored tensors (suffix → dtype, shape)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(Δ H Δᵀ)``: mean squared output error per token of a weight change (fp32 products)."""
+    return float(((delta @ hessian) * delta).sum(dtype=torch.float64))
+
+
+def measure_layer(
+    weight: torch.Tensor, stats: HessianStats, grid: CandidateGrid, name: str = "layer"
+) -> list[Option]:
+    """Every candidate of one layer with its exact bytes and proxy error; layers are
+    independent, so workers can measure them in any order."""
+    w = weight.detach().float()
+    n, k = w.shape
+    h = stats.hessian().float()
+
+    def records():  # (candidate, record standing in for it); None for a dense layer
+        for c in grid.candidates(k):
+            yield c, None if c.kind == "dense" else c.proxy(w)
+        if grid.lowrank_energy:
+            svd = whitened_svd(w, stats.hessian(), grid.damp, name)
+            cheaper_than_8bit = n * k // (2 * (n + k))  # a larger rank stores more than W8
+            for rank in spectrum_ranks(svd.s, grid.lowrank_energy, cheaper_than_8bit):
+                yield Candidate(rank=rank), svd.record(rank)
+
+    options = []
+    for c, record in records():
+        specs = c.tensor_specs(n, k, weight.dtype)
+        if record is None:
+            options.append(Option(c, spec_bytes(specs), 0.0, None, None, specs))
+        else:
+            error = output_error(record.dequantize() - w, h)
+            options.append(
+                Option(c, spec_bytes(specs), error, record.format, record.scheme(), specs)
+            )
+    return options

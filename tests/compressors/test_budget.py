@@ -1,0 +1,235 @@
+"""The budget planner on a tiny Llama: exact bytes, artifacts that never exceed the budget and
+match the plan to the byte, monotone plans, one shared solver, clear errors."""
+
+import copy
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import presso.compressors.budget as budget
+import presso.compressors.gradient.lgreco as lgreco
+import presso.compressors.solver as solver
+from presso import ConfigError, UnsupportedError
+from presso.compressors.artifact import save_compressed
+from presso.compressors.budget import (
+    BudgetConfig,
+    Planner,
+    calibrate,
+    measure_model,
+    min_artifact_bytes,
+    parse_bytes,
+)
+from presso.compressors.candidates import CandidateGrid
+from presso.compressors.ptq import compress_model
+
+
+class _Tokenizer:
+    """Writes tokenizer files of fixed content, one in a sub-folder (the sizes must count)."""
+
+    def save_pretrained(self, folder) -> None:
+        (Path(folder) / "tokenizer.json").write_text('{"model": "bytes", "vocab": 96}\n')
+        (Path(folder) / "extra").mkdir()
+        (Path(folder) / "extra" / "merges.txt").write_text("a b\n" * 50)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def planned():
+    """The conftest's 2-layer tiny Llama, its calibration batches and a planner over the
+    default candidates; built once for the module, since measuring is the slow part."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 96, (2, 16), generator=gen) for _ in range(4)]
+    options = measure_model(model, calibrate(model, calib), CandidateGrid())
+    return model, calib, Planner(model, options, _Tokenizer())
+
+
+def _solve_and_save(model, calib, plan, path):
+    model = copy.deepcopy(model)
+    records = compress_model(model, [plan.solver()], calib, ignore=["lm_head", *plan.ignore])
+    return records, save_compressed(model, records, path, _Tokenizer())
+
+
+def test_planned_artifacts_match_their_size_and_never_exceed_the_budget(planned, tmp_path):
+    """The promise of a byte budget: the folder written (weights, header, config.json,
+    tokenizer files, manifest) is exactly the size the plan predicted, and never above the
+    budget. Budgets from the smallest possible artifact to one where layers stay dense."""
+    model, calib, planner = planned
+    smallest = planner.smallest().artifact_bytes
+    kinds = set()
+    for i, max_bytes in enumerate([smallest, smallest + 997, 60_000, 75_000, 90_000, 200_000]):
+        plan = planner.for_bytes(max_bytes)
+        records, info = _solve_and_save(model, calib, plan, tmp_path / f"a{i}")
+        assert info.artifact_bytes == plan.artifact_bytes <= max_bytes
+        assert max_bytes - plan.artifact_bytes < 0.02 * max_bytes  # the budget is used
+        assert [r.format for r in records.values()] == [o.format for o in plan.chosen if o.format]
+        kinds |= {o.candidate.kind for o in plan.chosen}
+    assert kinds >= {"quant", "dense"}  # the plans above really mix settings
+
+
+def test_candidate_bytes_equal_the_bytes_stored_for_each_layer(planned, tmp_path):
+    """Every candidate kind — grids, 2:4 and unstructured masks (with and without codes),
+    low-rank factors — must count exactly the tensor bytes the artifact stores for the layer,
+    and the solved record must have exactly the shapes the candidate predicted."""
+    model, calib, planner = planned
+    layer = planner.names[-1]
+    options = planner.options[-1]
+    assert {o.candidate.kind for o in options} == {"quant", "sparse", "lowrank", "dense"}
+    stats = calibrate(model, calib)[layer]
+    weight = model.get_submodule(layer).weight.detach()
+    for option in options:
+        algo = option.candidate.solver()
+        if algo is None:
+            assert option.bytes == weight.numel() * weight.element_size()
+            continue
+        record = algo.compress(weight, stats, layer)
+        shapes = {s: (t.dtype, tuple(t.shape)) for s, t in record.tensors().items()}
+        assert shapes == option.specs, option.candidate.label
+        assert (record.format, record.scheme()) == (option.format, option.scheme)
+
+    plan = planner.for_bytes(90_000)
+    _, info = _solve_and_save(model, calib, plan, tmp_path / "art")
+    stored = {}
+    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_tensor(key)
+            stored[key.rsplit(".", 1)[0]] = stored.get(key.rsplit(".", 1)[0], 0) + t.nbytes
+    for name, option in zip(plan.names, plan.chosen):
+        assert stored[name] == option.bytes, name
+    assert info.compressed_bytes == sum(o.bytes for o in plan.chosen if o.format)
+
+
+def test_a_tighter_budget_never_gives_lower_error(planned):
+    """Monotone plans: a budget that allows more bytes can always reuse the smaller budget's
+    plan, so its predicted error can only be lower or equal (also for avg_bits)."""
+    _, _, planner = planned
+    smallest = planner.smallest().artifact_bytes
+    errors = [planner.for_bytes(smallest + step).total_error for step in range(0, 120_000, 10_000)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[0] > errors[-1]
+    errors = [planner.for_avg_bits(b).total_error for b in (2.5, 3, 3.5, 4, 5, 8, 16)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_avg_bits_budget_counts_every_stored_byte(planned, tmp_path):
+    """avg_bits is the artifact's own measure (scales, zeros, masks included) over the
+    planned layers; with no layer left dense it equals save_compressed's avg_bits."""
+    model, calib, planner = planned
+    plan = planner.for_avg_bits(3.5)
+    assert plan.avg_bits <= 3.5 and not plan.ignore
+    _, info = _solve_and_save(model, calib, plan, tmp_path / "art")
+    assert info.avg_bits == pytest.approx(plan.avg_bits, rel=1e-12)
+
+
+def test_gradient_controller_and_weight_planner_share_one_solver():
+    """One knapsack serves both halves of presso: L-GreCo and the budget planner must call the
+    very same functions of presso.compressors.solver, not copies."""
+    assert budget.min_error_within_bytes is solver.min_error_within_bytes
+    assert budget.min_bytes_within_error is solver.min_bytes_within_error
+    assert lgreco.min_bytes_within_error is solver.min_bytes_within_error
+    for module in (budget, lgreco):
+        assert "def _knapsack" not in inspect.getsource(module)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (40_000_000, 40_000_000),
+        ("40000000", 40_000_000),
+        ("40MB", 40_000_000),
+        ("40MiB", 40 * 2**20),
+        ("1.5 kB", 1500),
+        ("2GiB", 2 * 2**30),
+        ("512b", 512),
+    ],
+)
+def test_byte_budgets_in_the_users_words(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["40 MBs", "-3MB", "MB", "forty", "1e6"])
+def test_unreadable_byte_budget_names_the_key(text):
+    with pytest.raises(ConfigError, match=r"compress\.budget\.bytes: expected a byte count"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({}, "set exactly one of"),
+        ({"bytes": "40MB", "avg_bits": 4.0}, "set exactly one of"),
+        ({"avg_bits": -1.0}, r"budget\.avg_bits: must be in"),
+        ({"max_ppl_increase_pct": -5.0}, r"budget\.max_ppl_increase_pct: must be in"),
+        ({"bytes": "40 parsecs"}, r"budget\.bytes: expected a byte count"),
+        ({"avg_bits": 4.0, "search_steps": 0}, r"budget\.search_steps: must be in"),
+    ],
+)
+def test_budget_config_validation(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        BudgetConfig(**fields).validate("compress.budget")
+
+
+def test_infeasible_budgets_fail_clearly(planned):
+    """A budget below the smallest artifact is the user's to fix: the planner says how small
+    the artifact can get, and the shape-only size (no calibration needed) is that of the
+    smallest plan made of quantized and pruned settings, metadata included."""
+    model, _, planner = planned
+    smallest = planner.smallest().artifact_bytes
+    with pytest.raises(UnsupportedError, match=f"below the smallest artifact.*{smallest:,}"):
+        planner.for_bytes(smallest - 1)
+    shaped = {
+        n: [o for o in opts if o.candidate.kind != "lowrank"]
+        for n, opts in zip(planner.names, planner.options)
+    }
+    smallest = Planner(model, shaped, _Tokenizer()).smallest().artifact_bytes
+    bound = min_artifact_bytes(model, CandidateGrid(), ["lm_head"], _Tokenizer())
+    assert bound == smallest
+
+
+def test_error_budget_search_keeps_the_smallest_plan_within_the_target(planned):
+    """The max_ppl_increase_pct search: every plan it returns met the target when measured,
+    no smaller measured plan met it, and an unreachable target is an error, not a silent
+    dense model."""
+    _, _, planner = planned
+    base = 10.0
+    top = planner.smallest().total_error
+
+    def ppl_of(plan):
+        return base * (1 + plan.total_error / top)  # a smooth stand-in for a measurement
+
+    best, history = planner.search_ppl(ppl_of, base, 5.0, steps=8)
+    assert ppl_of(best) <= base * 1.05 and len(history) == 8
+    passing = [h["artifact_bytes"] for h in history if h["ppl"] <= base * 1.05]
+    assert best.artifact_bytes == min(passing)
+    with pytest.raises(UnsupportedError, match="no plan tried"):
+        planner.search_ppl(lambda plan: 2 * base, base, 5.0, steps=3)
+
+
+def test_plan_table_lists_every_layer_and_the_totals(planned):
+    _, _, planner = planned
+    plan = planner.for_bytes(80_000)
+    lines = plan.table().splitlines()
+    assert len(lines) == len(plan.names) + 2
+    assert lines[-1].startswith("total") and f"{plan.artifact_bytes:,}" in lines[-1]
+    assert json.loads(json.dumps(plan.rows()))[0]["layer"] == plan.names[0]
