@@ -14,7 +14,8 @@ steps, on 2 Ray Train workers (DDP over gloo, one thread each). Only
   (ranks 1-32, densities 0.001-0.1, bits 2/3/4/8) with ``alpha = 1`` (no more total error than
   the uniform reference, as in the paper), re-planning every ``ADJUST`` steps.
 
-Columns (``bench/results/gradcomp.json`` holds one object per row with exactly these fields):
+Columns (``bench/results/gradcomp.json`` holds one object per row with exactly these fields,
+``gradcomp.txt`` the printed table; ``--quick`` writes ``gradcomp_quick.*`` instead):
 
 * ``bytes_per_step``: bytes one worker hands to collectives per step (the hooks' own count:
   payloads, the dense flat part, L-GreCo's error table and plan broadcast), **averaged over the
@@ -40,7 +41,7 @@ import json
 import sys
 import time
 
-from harness import RESULTS, Bench, TrainRun, format_table, load_average, mean, median
+from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
 
 WORKERS = 2
 FULL = dict(steps=300, warmup=20, adjust=50, measure=3, eval_every=100, eval_batches=16)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     tick = time.perf_counter()
-    results, loads = [], []
+    results, loads, log = [], [], Log()
     with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
         dense_loss = None
         for i, (method, family, overrides) in enumerate(rows(), 1):
@@ -181,23 +182,23 @@ def main(argv: list[str] | None = None) -> None:
             results.append(measure(run, method, family, s["warmup"], dense_loss))
             loads.append(run.load)
             r = results[-1]
-            print(
+            log(
                 f"[{i}/{len(rows())}] {method} {family}: {r['wall_s']:.0f} s, val "
                 f"{r['final_val_loss']:.4f}, {r['bytes_per_step']:,} B/step, "
-                f"load {run.load[0]:.1f}->{run.load[1]:.1f}",
-                flush=True,
+                f"load {run.load[0]:.1f}->{run.load[1]:.1f}"
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gradcomp{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     loads_seen = [x for pair in loads for x in pair]
-    print(
-        f"\ngradient compression, {WORKERS} workers, {s['steps']} steps, dense warm-up "
+    log()
+    log(
+        f"gradient compression, {WORKERS} workers, {s['steps']} steps, dense warm-up "
         f"{s['warmup']} steps, L-GreCo alpha 1 every {s['adjust']} steps"
         f"{' (quick: tiny model)' if args.quick else ''}"
     )
-    print(format_table(results, COLUMNS))
-    print(
+    log(format_table(results, COLUMNS))
+    log(
         f"bytes/step: per worker, mean over steps {s['warmup'] + 1}-{s['steps']} (the compressed "
         f"phase); the {s['warmup']} dense warm-up steps of the compressed rows are not counted.\n"
         "s@1Gb/s, s@10Gb/s: median measured step time + ring all-reduce time of bytes/step.\n"
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(now {load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )
     for line in verdict(results):
-        print(line)
+        log(line)
+    log.save(out.with_suffix(".txt"))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,20 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+class Log:
+    """Lines printed as they come and kept for the results' ``.txt`` beside the JSON."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def save(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> str:
     """Rows as aligned text; ``columns`` lists ``(field, header, width, format)``."""
     lines = ["  ".join(head.rjust(width) for _, head, width, _ in columns)]

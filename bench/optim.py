@@ -17,7 +17,8 @@ rows:
   AdamW's step size at the shared rate. Projections on the smaller side; moments re-projected
   at a refresh (the defaults); embeddings and norms stay on AdamW in every row.
 
-Columns (``bench/results/optim.json`` holds one object per row with exactly these fields):
+Columns (``bench/results/optim.json`` holds one object per row with exactly these fields,
+``optim.txt`` the printed table; ``--quick`` writes ``optim_quick.*`` instead):
 
 * ``state_bytes``: bytes of the optimizer's state tensors on a worker after the last step
   (moments, 8-bit codes and scales, projectors, step counters); ``state_ratio`` is that over
@@ -44,7 +45,7 @@ import json
 import sys
 import time
 
-from harness import RESULTS, Bench, TrainRun, format_table, load_average, mean, median
+from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
 
 WORKERS = 2
 FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50)
@@ -65,10 +66,7 @@ def rows() -> list[tuple[str, list[str]]]:
     """``(label, overrides)`` of every row, AdamW first (the reference)."""
     names = ["adamw", "galore", "galore8bit", "gradnormlorp", "gradnormlorp8bit"]
     result = [(name, [f"{OPT}.name={name}"]) for name in names]
-    result += [
-        (f"{name}+comm", [f"{OPT}.name={name}", f"{GC}.method=galore"])
-        for name in ("galore", "galore8bit")
-    ]
+    result.append(("galore+comm", [f"{OPT}.name=galore", f"{GC}.method=galore"]))
     if peer_status() is None:
         result.append((f"{PEER} (peer)", [f"{OPT}.name={PEER}"]))
     return result
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     tick = time.perf_counter()
-    results, loads, notes = [], [], []
+    results, loads, notes, log = [], [], [], Log()
     plan = rows()
     with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
         for i, (label, overrides) in enumerate(plan, 1):
@@ -178,10 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"{label}: {between_refreshes(run, expected)}; val loss {diff:+.4f} vs DDP"
                 )
             r = results[-1]
-            print(
+            log(
                 f"[{i}/{len(plan)}] {label}: {run.wall_s:.0f} s, val {r['final_val_loss']:.4f}, "
-                f"state {r['state_ratio']:.3f}x, load {run.load[0]:.1f}->{run.load[1]:.1f}",
-                flush=True,
+                f"state {r['state_ratio']:.3f}x, load {run.load[0]:.1f}->{run.load[1]:.1f}"
             )
     if (why := peer_status()) is not None:
         notes.append(f"{PEER} (peer) row skipped: {why}")
@@ -189,20 +186,22 @@ def main(argv: list[str] | None = None) -> None:
     out = RESULTS / f"optim{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     seen = [x for pair in loads for x in pair]
-    print(
-        f"\nlow-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
+    log()
+    log(
+        f"low-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
         f"refresh every {s['gap']} steps, scale {SCALE}"
         f"{' (quick: tiny model)' if args.quick else ''}"
     )
-    print(format_table(results, COLUMNS))
-    print(
+    log(format_table(results, COLUMNS))
+    log(
         "state: optimizer state tensors per worker; comm B/step: per worker, mean over all "
         "steps (dense DDP for rows without the comm hook); ms/step: median.\n"
         f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
         f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )
     for note in notes:
-        print(note)
+        log(note)
+    log.save(out.with_suffix(".txt"))
 
 
 if __name__ == "__main__":
