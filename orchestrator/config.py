@@ -79,12 +79,26 @@ class TrainConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Calibration data for recipes that need it (GPTQ, AWQ, SpQR, Wanda, SparseGPT, ...)."""
+
+    samples: int = 128  # sequences drawn from the train split
+    seq_len: int = 512  # tokens per sequence
+    batch_size: int = 8  # sequences per forward pass
+    # Data-parallel units (at most one per batch): the records depend on this, never on workers
+    shards: int = 8
+    seed: int = 0  # which windows of the train split are drawn
+
+
+@dataclass
 class CompressConfig:
     enabled: bool = True
     workers: int = 2  # Ray actors in the compression pool
+    threads_per_worker: int = 1  # torch intra-op threads in each compression worker
     # Steps applied in order; each entry maps one algorithm name to its settings.
     recipe: list[Any] = field(default_factory=lambda: [{"rtn": {"bits": 4, "group_size": 128}}])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers left dense
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass
@@ -197,7 +211,10 @@ def validate(cfg: PressoConfig) -> None:
     t.grad_compression.validate("train.grad_compression")
     _validate_engine(t)
     _positive("eval", seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
-    _positive("compress", workers=c.workers)
+    _positive("compress", workers=c.workers, threads_per_worker=c.threads_per_worker)
+    k = c.calibration
+    _positive("compress.calibration", samples=k.samples, seq_len=k.seq_len)
+    _positive("compress.calibration", batch_size=k.batch_size, shards=k.shards)
     m = cfg.model.scratch
     _positive("model.scratch", hidden_size=m.hidden_size, num_layers=m.num_layers)
     _positive("model.scratch", num_heads=m.num_heads, num_kv_heads=m.num_kv_heads)
@@ -213,7 +230,9 @@ def validate(cfg: PressoConfig) -> None:
     overlap = set(cfg.data.val_works) & set(cfg.data.test_works)
     if overlap:
         raise ConfigError(f"data.test_works: {sorted(overlap)} also in data.val_works")
-    recipe_algorithms(cfg)  # builds every recipe step, so a bad one fails here
+    from presso.compressors.ptq import Recipe
+
+    Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
 
 
 def _validate_engine(t: TrainConfig) -> None:

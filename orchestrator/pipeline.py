@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from presso import ConfigError, UnsupportedError
+from presso import ConfigError
 from presso.orchestrator.config import PressoConfig, recipe_algorithms
 
 STAGES = ("train", "compress", "eval")
@@ -75,8 +75,6 @@ def check_stages(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
         )
     if cfg.model.source != "scratch" and cfg.data.tokenizer != "auto":
         raise ConfigError("data.tokenizer: a pretrained model.source brings its own; use auto")
-    if "compress" in stages and len(cfg.compress.recipe) != 1:
-        raise UnsupportedError("compress.recipe: this version runs recipes of exactly one step")
 
 
 def _tokenizer(cfg: PressoConfig, source: Path | None):
@@ -111,7 +109,9 @@ class Plan:
     tokenizer: object
     vocab_size: int
     corpus: object
-    algorithm: object | None
+    recipe: object | None  # the compress recipe (presso.compressors.ptq.Recipe)
+    layers: object | None  # the layers it compresses, checked (compress.LayerPlan)
+    calibration: list | None  # batches of train-split token ids, when the recipe needs data
     model: object | None  # the loaded pretrained (or packed) model, when there is one
 
 
@@ -119,11 +119,12 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
     """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
     compress, so that bad input fails here: before Ray, MLflow or any output folder."""
     from presso import load_compressed
+    from presso.compressors.ptq import Recipe
     from presso.orchestrator import checkpoint, data, models
-    from presso.orchestrator.compress import check_layers
+    from presso.orchestrator.compress import calibration_batches, plan_layers
 
     check_stages(cfg, stages)
-    algorithm = recipe_algorithms(cfg)[0] if "compress" in stages else None
+    recipe = Recipe.parse(recipe_algorithms(cfg)) if "compress" in stages else None
     source = models.resolve_source(cfg.model)
     packed = source is not None and models.is_artifact(source)
     if packed and ("compress" in stages or "train" in stages):
@@ -142,8 +143,14 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
         model = models.build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
     if "train" in stages and cfg.train.resume_from:
         checkpoint.check_resumable(Path(cfg.train.resume_from), model, cfg.train.workers)
-    if algorithm is not None:
-        check_layers(model, algorithm, cfg.compress.ignore)
+    layers = calibration = None
+    if recipe is not None:
+        layers = plan_layers(model, recipe, cfg.compress.ignore)
+        if recipe.needs_data:
+            k = cfg.compress.calibration
+            calibration = calibration_batches(
+                corpus.train, k.samples, k.seq_len, k.batch_size, k.seed
+            )
     out = Path(cfg.run.output_dir).resolve() / cfg.run.name
     return Plan(
         stages,
@@ -152,7 +159,9 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
         tokenizer,
         vocab_size,
         corpus,
-        algorithm,
+        recipe,
+        layers,
+        calibration,
         None if source is None else model,
     )
 
@@ -195,12 +204,16 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     return summary
 
 
-def describe(algorithm) -> str:
-    """``rtn(bits=4, group_size=128, symmetric=True)``: the algorithm and its settings."""
+def describe(recipe) -> str:
+    """``awq(bits=4, ...) + gptq(bits=4, ...)``: the recipe's steps and their settings."""
     from dataclasses import fields
 
-    settings = ", ".join(f"{f.name}={getattr(algorithm, f.name)}" for f in fields(algorithm))
-    return f"{algorithm.name}({settings})"
+    steps = [*recipe.transforms]
+    if recipe.solver not in steps:
+        steps.append(recipe.solver)
+    return " + ".join(
+        f"{a.name}({', '.join(f'{f.name}={getattr(a, f.name)}' for f in fields(a))})" for a in steps
+    )
 
 
 def _train(cfg, plan: Plan, tracking, summary) -> Path:
@@ -225,52 +238,70 @@ def _train(cfg, plan: Plan, tracking, summary) -> Path:
     return folder
 
 
-def _compress_and_eval(cfg, plan: Plan, tracking, summary):
-    import presso
+def _compress(cfg, plan: Plan, tracking, summary) -> Path:
+    """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
     from presso.compressors.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
+
+    run = tracking.stage("compress")
+    c = cfg.compress
+    result = run_compression(
+        plan.model,
+        plan.recipe,
+        c.workers,
+        c.ignore,
+        progress_bar(),
+        plan.calibration,
+        c.calibration.shards,
+        c.threads_per_worker,
+        plan.layers,
+    )
+    info = save_compressed(result.model, result.records, plan.out / "compressed", plan.tokenizer)
+    for i, layer in enumerate(result.layers):
+        run.metrics(
+            {
+                "compress/layer_rel_error": layer.rel_error,
+                "compress/layer_s": layer.seconds,
+                "compress/layer_worker": layer.worker,
+            },
+            i,
+        )
+    for w, seconds in enumerate(result.worker_s):
+        run.metrics({"compress/worker_busy_s": seconds}, w)
+    run.metrics(
+        {
+            "compress/artifact_bytes": info.artifact_bytes,
+            "compress/avg_bits": info.avg_bits,
+            "compress/wall_s": result.wall_s,
+            "compress/layers": len(result.records),
+            "compress/reassigned_tasks": result.reassigned,
+        },
+        0,
+    )
+    run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
+    run.finish()
+    summary.update(
+        method=describe(plan.recipe),
+        artifact=str(info.path),
+        artifact_bytes=info.artifact_bytes,
+        avg_bits=info.avg_bits,
+        compress_s=result.wall_s,
+    )
+    return info.path
+
+
+def _compress_and_eval(cfg, plan: Plan, tracking, summary):
+    import presso
     from presso.orchestrator.evaluate import perplexity
     from presso.orchestrator.models import is_artifact, model_bytes
     from presso.orchestrator.tracking import register_model
 
-    model, stages, algorithm, tokenizer = plan.model, plan.stages, plan.algorithm, plan.tokenizer
+    model, stages = plan.model, plan.stages
     packed_source = plan.source is not None and is_artifact(plan.source)
     summary["packed_bytes" if packed_source else "dense_bytes"] = model_bytes(model)
-    artifact = None
-    if "compress" in stages:
-        run = tracking.stage("compress")
-        result = run_compression(
-            model, algorithm, cfg.compress.workers, cfg.compress.ignore, progress_bar()
-        )
-        info = save_compressed(
-            model,
-            result.records,
-            plan.out / "compressed",
-            tokenizer,
-        )
-        artifact = info.path
-        for i, layer in enumerate(result.layers):
-            run.metrics(
-                {"compress/layer_rel_error": layer.rel_error, "compress/layer_s": layer.seconds}, i
-            )
-        run.metrics(
-            {
-                "compress/artifact_bytes": info.artifact_bytes,
-                "compress/avg_bits": info.avg_bits,
-                "compress/wall_s": result.wall_s,
-                "compress/layers": len(result.records),
-            },
-            0,
-        )
-        run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
-        run.finish()
-        summary.update(
-            method=describe(algorithm),
-            artifact=str(artifact),
-            artifact_bytes=info.artifact_bytes,
-            avg_bits=info.avg_bits,
-            compress_s=result.wall_s,
-        )
+    # The compressed perplexity is measured on the artifact as saved and reloaded, not on the
+    # model in memory: what is registered is exactly what was measured.
+    artifact = _compress(cfg, plan, tracking, summary) if "compress" in stages else None
     if "eval" in stages:
         run = tracking.stage("eval")
         e = cfg.eval

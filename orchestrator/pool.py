@@ -3,13 +3,17 @@
 Each task is a module-level function and its arguments, pre-assigned to a worker (the caller
 balances the load). A task whose worker dies — killed, out of memory, its node gone — is given to
 the least-loaded live worker, or to a fresh one when none is left, so the results are the same as
-without the failure: every task is a pure function of its arguments.
+without the failure: every task is a pure function of its arguments. The pool can run many
+batches of tasks (``run`` again); later batches should be assigned over :meth:`live` workers.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+
+from presso import PressoError
 
 
 @dataclass
@@ -31,11 +35,14 @@ def _actor_class():
             self.done, self.fault_after = 0, fault_after
 
         def call(self, fn, *args):
+            """``fn(*args)`` and the seconds it took (the worker's busy time)."""
             if self.fault_after is not None and self.done == self.fault_after:
                 print(f"presso: fault injection: compression worker exits after {self.done} tasks")
                 os._exit(17)
             self.done += 1
-            return fn(*args)
+            tick = time.perf_counter()
+            result = fn(*args)
+            return result, time.perf_counter() - tick
 
     return PoolWorker
 
@@ -59,9 +66,18 @@ class WorkerPool:
         ]
         self.alive = [True] * size
         self.reassigned = 0  # tasks moved off a dead worker
+        self.busy_s = [0.0] * size  # seconds each worker spent inside tasks
+
+    def live(self) -> list[int]:
+        """Indices of the workers not known to be dead."""
+        return [w for w, ok in enumerate(self.alive) if ok]
 
     def run(self, tasks: list[Task], on_result=None) -> list:
-        """Results in task order; ``on_result(index, result)`` as each one arrives."""
+        """Results in task order; ``on_result(index, result)`` as each one arrives.
+
+        A task that raises a presso error (e.g. NaN calibration inputs) re-raises it here as
+        itself, so the user sees its message rather than a remote traceback.
+        """
         import ray
 
         results: list = [None] * len(tasks)
@@ -73,7 +89,7 @@ class WorkerPool:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ref)
             try:
-                results[i] = ray.get(ref)
+                results[i], seconds = ray.get(ref)
             except ray.exceptions.RayActorError:
                 dead = tasks[i].worker
                 self.alive[dead] = False
@@ -84,6 +100,11 @@ class WorkerPool:
                 self.reassigned += 1
                 pending[self._submit(worker, tasks[i])] = i
                 continue
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, PressoError):
+                    raise e.cause from None
+                raise
+            self.busy_s[tasks[i].worker] += seconds
             load[tasks[i].worker] -= 1
             if on_result is not None:
                 on_result(i, results[i])
@@ -93,11 +114,12 @@ class WorkerPool:
         return self.actors[worker].call.remote(task.fn, *task.args)
 
     def _replacement(self, load: list[int]) -> int:
-        live = [w for w, ok in enumerate(self.alive) if ok]
+        live = self.live()
         if live:
             return min(live, key=lambda w: (load[w], w))
         self.actors.append(self.cls.remote(self.threads, None))
         self.alive.append(True)
+        self.busy_s.append(0.0)
         load.append(0)
         return len(self.actors) - 1
 
