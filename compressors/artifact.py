@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import presso
 from presso import IntegrityError, UnsupportedError
-from presso.compressors.integrity import atomic_folder, verify_manifest, write_manifest
+from presso.compressors.integrity import sealed_folder, verify_manifest
 from presso.compressors.registry import FORMATS
 
 WEIGHTS = "model.safetensors"
@@ -77,17 +76,11 @@ def save_compressed(
     config = model.config.to_dict()
     config["quantization_config"] = _quantization_config(records, layers, modules)
 
-    tmp, commit = atomic_folder(dest)
-    try:
+    with sealed_folder(dest) as tmp:
         save_file(tensors, tmp / WEIGHTS)
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_manifest(tmp)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return ArtifactInfo(dest, size, compressed_weights, compressed_bytes)
 

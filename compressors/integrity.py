@@ -7,6 +7,7 @@ manifest first, so a partial, truncated or tampered folder is refused, never loa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,12 +57,15 @@ def verify_manifest(folder: Path, what: str = "artifact") -> None:
             )
 
 
-def atomic_folder(dest: Path):
-    """A temporary folder beside ``dest``; ``commit(tmp)`` renames it into place."""
+@contextlib.contextmanager
+def sealed_folder(dest: Path):
+    """Write a folder under a temporary name beside ``dest``; on success seal it with a manifest
+    and rename it into place (replacing an older ``dest``), on failure remove it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-
-    def commit() -> None:
+    try:
+        yield tmp
+        write_manifest(tmp)
         tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary folder
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
@@ -71,5 +75,5 @@ def atomic_folder(dest: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-
-    return tmp, commit
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,6 @@ that later runs load in a second or two.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,12 +16,7 @@ from pathlib import Path
 import torch
 
 from presso import DataError, IntegrityError
-from presso.compressors.integrity import (
-    atomic_folder,
-    sha256_file,
-    verify_manifest,
-    write_manifest,
-)
+from presso.compressors.integrity import sealed_folder, sha256_file, verify_manifest
 from presso.orchestrator.config import ModelConfig, ScratchModelConfig
 from presso.orchestrator.fetch import PypiFile, cache_dir, fetch
 
@@ -105,15 +99,9 @@ def _folder_from_gguf(gguf: Path, folder: Path) -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp, commit = atomic_folder(folder)
-    try:
+    with sealed_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
