@@ -31,5 +31,8 @@ test: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+bench: setup
+	$(BIN)/python bench/gradcomp.py --quick && $(BIN)/python bench/optim.py --quick
+
 clean:
 	rm -rf presso_runs .pytest_cache
