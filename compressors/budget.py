@@ -4,11 +4,10 @@ The weight-side twin of L-GreCo: measure every layer's error for every candidate
 let :mod:`presso.compressors.solver` (the same knapsack the gradient controller uses) pick one
 candidate per layer::
 
-    stats = calibrate(model, calib_batches)                # one pass over the dense model
-    options = measure_model(model, stats, CandidateGrid())  # bytes and proxy error per candidate
+    options = measure_model(model, calib_batches, CandidateGrid())  # one pass, dense model
     planner = Planner(model, options, tokenizer)
     plan = planner.for_bytes(parse_bytes("40MB"))          # or for_avg_bits(3.5), for_error(E)
-    records = compress_model(model, [plan.solver()], calib_batches, ignore=plan.ignore)
+    records = compress_model(model, [plan.solver()], calib_batches, ["lm_head", *plan.ignore])
     save_compressed(model, records, "out/", tokenizer)     # == plan.artifact_bytes, <= 40 MB
 
 Statistics and measurements are made once; any number of budgets can then be planned from them
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,13 +41,7 @@ from presso import ConfigError, UnsupportedError
 from presso.compressors.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
 from presso.compressors.calibration import HessianStats
 from presso.compressors.candidates import Candidate, CandidateGrid, Option, measure_layer
-from presso.compressors.ptq import (
-    Recipe,
-    accumulate_stats,
-    block_outputs,
-    capture_block_inputs,
-    validate_model,
-)
+from presso.compressors.ptq import Recipe, compress_model, validate_model
 from presso.compressors.registry import check_range
 from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
 
@@ -74,9 +68,11 @@ class BudgetConfig:
     avg_bits: float | None = None  # stored bits per planned weight, scales and masks included
     max_ppl_increase_pct: float | None = None  # allowed perplexity rise, held-out calibration
     search_steps: int = 6  # perplexity evaluations spent by the max_ppl_increase_pct search
+    search_tokens: int = 8192  # held-out tokens each of those evaluations reads
 
     def validate(self, prefix: str) -> None:
-        given = [k for k in ("bytes", "avg_bits", "max_ppl_increase_pct") if getattr(self, k)]
+        kinds = ("bytes", "avg_bits", "max_ppl_increase_pct")
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError(
                 f"{prefix}: set exactly one of bytes, avg_bits, max_ppl_increase_pct; got "
@@ -89,6 +85,7 @@ class BudgetConfig:
         if self.max_ppl_increase_pct is not None:
             check_range(f"{prefix}.max_ppl_increase_pct", self.max_ppl_increase_pct, 1e-6, 1e6)
         check_range(f"{prefix}.search_steps", self.search_steps, 1, 100)
+        check_range(f"{prefix}.search_tokens", self.search_tokens, 2, 1 << 40)
 
 
 def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, torch.nn.Linear]:
@@ -97,35 +94,46 @@ def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, t
     return {name: lin for _, _, linears in blocks for name, lin in linears.items()}
 
 
-@torch.no_grad()
-def calibrate(
-    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
-) -> dict[str, HessianStats]:
-    """Every planned layer's input Hessian from one pass over the (dense) model."""
-    blocks = validate_model(model, Recipe([], None), ignore)
-    inputs = capture_block_inputs(model, calib_batches)
-    stats = {}
-    for i, (_, block, linears) in enumerate(blocks):
-        stats.update(accumulate_stats(block, inputs, HessianStats.empty, linears))
-        if i + 1 < len(blocks):
-            inputs = block_outputs(block, inputs)
-    return stats
+@dataclass
+class Measured:
+    """A layer's measured options, standing in for its record while measuring: it dequantizes
+    to the unchanged weight, so later blocks calibrate on the dense model's activations."""
+
+    weight: torch.Tensor
+    options: list[Option]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+
+@dataclass
+class MeasureSolver:
+    """A recipe solver that measures instead of compressing: the PTQ pipeline (one process, or
+    distributed over workers) then runs one calibration pass with the measurement spread over
+    layers like any solve."""
+
+    grid: CandidateGrid  # the candidates offered to every layer
+
+    name = "budget-measure"
+    needs_calibration = True
+
+    def make_stats(self, in_features: int) -> HessianStats:
+        return HessianStats.empty(in_features)
+
+    def compress(self, weight: torch.Tensor, stats: HessianStats, name: str = "layer") -> Measured:
+        return Measured(weight, measure_layer(weight, stats, self.grid, name))
 
 
 def measure_model(
     model: torch.nn.Module,
-    stats: dict[str, HessianStats],
+    calib_batches: Iterable,
     grid: CandidateGrid,
     ignore: Iterable[str] = ("lm_head",),
-    progress: Callable[[str], None] | None = None,
+    progress: Callable | None = None,
 ) -> dict[str, list[Option]]:
-    """Each planned layer's measured candidates (one process; workers split the same calls)."""
-    out = {}
-    for name, lin in planned_layers(model, ignore).items():
-        out[name] = measure_layer(lin.weight, stats[name], grid, name)
-        if progress is not None:
-            progress(name)
-    return out
+    """Each planned layer's measured candidates, in one process (the model is left as it was)."""
+    records = compress_model(model, [MeasureSolver(grid)], calib_batches, ignore, progress)
+    return {name: record.options for name, record in records.items()}
 
 
 def min_artifact_bytes(
@@ -195,9 +203,20 @@ class BudgetPlan:
         choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
         return PlanSolver(choices, damp)
 
+    def describe(self) -> str:
+        """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting."""
+        counts = Counter(o.candidate.label for o in self.chosen)
+        return ", ".join(f"{n}× {label}" for label, n in counts.most_common())
+
     def rows(self) -> list[dict]:
         return [
-            {"layer": n, "choice": o.candidate.label, "bytes": o.bytes, "error": o.error}
+            {
+                "layer": n,
+                "choice": o.candidate.label,
+                "bytes": o.bytes,
+                "bits": 8 * o.bytes / o.weights,
+                "error": o.error,
+            }
             for n, o in zip(self.names, self.chosen)
         ]
 
@@ -223,8 +242,7 @@ class Planner:
         self.names = list(options)
         self.options = [options[n] for n in self.names]
         self.sizer = ArtifactSizer(model, tokenizer)
-        modules = dict(model.named_modules())
-        self.weights = sum(modules[n].weight.numel() for n in self.names)
+        self.weights = sum(opts[0].weights for opts in self.options)
         digits = len(str(self.sizer.total({})))  # offsets in the header have about this many
         self.cost = [
             [o.bytes + sum(entry_bytes(f"{n}.{s}", *spec, digits) for s, spec in o.specs.items())

@@ -220,6 +220,7 @@ class Option:
     format: str | None  # stored record format; None when the layer stays dense
     scheme: dict | None  # the record's scheme, as the artifact's config.json lists it
     specs: Specs  # the stored tensors (suffix → dtype, shape)
+    weights: int  # weights of the layer (out × in)
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -249,10 +250,10 @@ def measure_layer(
     for c, record in records():
         specs = c.tensor_specs(n, k, weight.dtype)
         if record is None:
-            options.append(Option(c, spec_bytes(specs), 0.0, None, None, specs))
+            options.append(Option(c, spec_bytes(specs), 0.0, None, None, specs, n * k))
         else:
             error = output_error(record.dequantize() - w, h)
             options.append(
-                Option(c, spec_bytes(specs), error, record.format, record.scheme(), specs)
+                Option(c, spec_bytes(specs), error, record.format, record.scheme(), specs, n * k)
             )
     return options
