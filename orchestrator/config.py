@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from presso import ConfigError
+from presso.compressors.budget import BudgetConfig
+from presso.compressors.candidates import CandidateGrid
 from presso.compressors.gradient import GradCompressionConfig, Method
 from presso.compressors.optim import OptimizerConfig
 
@@ -99,6 +101,10 @@ class CompressConfig:
     recipe: list[Any] = field(default_factory=lambda: [{"rtn": {"bits": 4, "group_size": 128}}])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers left dense
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # Fit a budget instead (bytes, avg_bits or max_ppl_increase_pct): per-layer settings chosen
+    # from `candidates` by presso.compressors.budget replace the recipe.
+    budget: BudgetConfig | None = None
+    candidates: CandidateGrid = field(default_factory=CandidateGrid)  # what a plan may choose
 
 
 @dataclass
@@ -232,7 +238,15 @@ def validate(cfg: PressoConfig) -> None:
         raise ConfigError(f"data.test_works: {sorted(overlap)} also in data.val_works")
     from presso.compressors.ptq import Recipe
 
-    Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
+    recipe = Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
+    c.candidates.validate("compress.candidates")
+    if c.budget is not None:
+        c.budget.validate("compress.budget")
+        if recipe.transforms:
+            raise ConfigError(
+                "compress.budget: a budget plan replaces compress.recipe, so its block "
+                "transforms (awq) would not run; remove them from the recipe"
+            )
 
 
 def _validate_engine(t: TrainConfig) -> None:

@@ -121,10 +121,14 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
     from presso import load_compressed
     from presso.compressors.ptq import Recipe
     from presso.orchestrator import checkpoint, data, models
+    from presso.orchestrator.budget import check_budget, measuring_recipe
     from presso.orchestrator.compress import calibration_batches, plan_layers
 
     check_stages(cfg, stages)
-    recipe = Recipe.parse(recipe_algorithms(cfg)) if "compress" in stages else None
+    recipe = None
+    if "compress" in stages:
+        budgeted = cfg.compress.budget is not None
+        recipe = measuring_recipe(cfg) if budgeted else Recipe.parse(recipe_algorithms(cfg))
     source = models.resolve_source(cfg.model)
     packed = source is not None and models.is_artifact(source)
     if packed and ("compress" in stages or "train" in stages):
@@ -146,6 +150,8 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
     layers = calibration = None
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore)
+        if cfg.compress.budget is not None:
+            check_budget(cfg, model, tokenizer)
         if recipe.needs_data:
             k = cfg.compress.calibration
             calibration = calibration_batches(
@@ -245,18 +251,26 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
 
     run = tracking.stage("compress")
     c = cfg.compress
-    result = run_compression(
-        plan.model,
-        plan.recipe,
-        c.workers,
-        c.ignore,
-        progress_bar(),
-        plan.calibration,
-        c.calibration.shards,
-        c.threads_per_worker,
-        plan.layers,
-    )
+    chosen = None
+    if c.budget is not None:
+        from presso.orchestrator.budget import check_artifact, run_budget
+
+        result, chosen = run_budget(cfg, plan, run, progress_bar())
+    else:
+        result = run_compression(
+            plan.model,
+            plan.recipe,
+            c.workers,
+            c.ignore,
+            progress_bar(),
+            plan.calibration,
+            c.calibration.shards,
+            c.threads_per_worker,
+            plan.layers,
+        )
     info = save_compressed(result.model, result.records, plan.out / "compressed", plan.tokenizer)
+    if chosen is not None:
+        check_artifact(chosen, info.artifact_bytes, c.budget)
     for i, layer in enumerate(result.layers):
         run.metrics(
             {
@@ -281,7 +295,7 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
     run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
     run.finish()
     summary.update(
-        method=describe(plan.recipe),
+        method=describe(plan.recipe) if chosen is None else f"budget plan: {chosen.describe()}",
         artifact=str(info.path),
         artifact_bytes=info.artifact_bytes,
         avg_bits=info.avg_bits,

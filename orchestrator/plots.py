@@ -74,13 +74,15 @@ def plot_bytes_per_step(
 def plot_layer_choices(
     logger,
     layers: list[str],
-    steps: list[int],
+    steps: list[int] | list[str],
     choices: list[list[float]],
     label: str = "rank",
     filename: str = "layer_choices.png",
+    xlabel: str = "step",
 ) -> None:
     """A heat map of the per-layer parameter (rank, density, bits) chosen over time:
-    ``choices[i][j]`` is layer ``layers[i]``'s choice at ``steps[j]``."""
+    ``choices[i][j]`` is layer ``layers[i]``'s choice at ``steps[j]`` (columns may be any
+    labelled axis, named by ``xlabel``)."""
     if len(choices) != len(layers) or any(len(row) != len(steps) for row in choices):
         raise ValueError(
             f"choices must be {len(layers)} layers × {len(steps)} steps, "
@@ -91,7 +93,7 @@ def plot_layer_choices(
     ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 20 else 9)
     stride = max(1, len(steps) // 12)  # at most a dozen step labels stay readable
     ax.set_xticks(range(0, len(steps), stride), [str(s) for s in steps[::stride]])
-    ax.set(title=f"per-layer {label}", xlabel="step")
+    ax.set(title=f"per-layer {label}", xlabel=xlabel)
     fig.colorbar(image, ax=ax, label=label)
     log_figure(logger, fig, filename)
 

@@ -1,0 +1,195 @@
+"""The compress stage under ``compress.budget``: measure on the workers, plan, solve.
+
+1. **Measure**: the distributed PTQ pipeline runs with
+   :class:`~presso.compressors.budget.MeasureSolver` as its solver. That is one calibration pass
+   over the dense model (statistics data-parallel over shards, as for any recipe), with every
+   layer's candidates measured on the workers, layer-parallel like solves.
+2. **Plan** on the driver with the shared knapsack (:class:`~presso.compressors.budget.Planner`):
+   ``bytes`` and ``avg_bits`` directly; ``max_ppl_increase_pct`` by bisection over the error
+   budget, each step's plan solved on the workers and measured on held-out windows of the
+   validation split (never the test split the stage reports).
+3. **Solve** the plan: the pipeline again, each layer with its own solver
+   (:class:`~presso.compressors.budget.PlanSolver`); layers planned dense are left out.
+
+The plan is printed as a table and logged to the stage's MLflow run (``budget_plan.txt``,
+``budget_plan.json`` and a heat map of stored bits per weight by block and layer).
+"""
+
+from __future__ import annotations
+
+import json
+
+from presso import ConfigError, IntegrityError, UnsupportedError
+from presso.compressors.budget import (
+    BudgetPlan,
+    MeasureSolver,
+    Planner,
+    min_artifact_bytes,
+    parse_bytes,
+    planned_layers,
+)
+from presso.compressors.ptq import Recipe
+from presso.orchestrator.compress import CompressResult, run_compression
+
+
+def measuring_recipe(cfg) -> Recipe:
+    return Recipe([], MeasureSolver(cfg.compress.candidates))
+
+
+def check_budget(cfg, model, tokenizer) -> None:
+    """Refuse a budget no plan can meet, before any calibration or worker starts."""
+    c = cfg.compress
+    b = c.budget
+    if b.bytes is not None:
+        floor = min_artifact_bytes(model, c.candidates, c.ignore, tokenizer)
+        if parse_bytes(b.bytes) < floor:
+            raise ConfigError(
+                f"compress.budget.bytes: {b.bytes} ({parse_bytes(b.bytes):,} bytes) is below the "
+                f"smallest artifact this model can have with compress.candidates: {floor:,} "
+                "bytes (every layer at its cheapest setting, the rest of the model as it is); "
+                "raise the budget or offer cheaper candidates"
+            )
+    if b.avg_bits is not None:
+        layers = planned_layers(model, c.ignore).values()
+        cheapest = sum(
+            min(cand.nbytes(*lin.weight.shape) for cand in c.candidates.candidates(lin.in_features))
+            for lin in layers
+        )
+        floor = 8 * cheapest / sum(lin.weight.numel() for lin in layers)
+        if b.avg_bits < floor:
+            raise ConfigError(
+                f"compress.budget.avg_bits: {b.avg_bits} is below the fewest bits per weight "
+                f"compress.candidates allow ({floor:.3f}); raise it or offer cheaper candidates"
+            )
+
+
+def _solve(cfg, plan, budget_plan: BudgetPlan, progress) -> CompressResult:
+    c = cfg.compress
+    return run_compression(
+        plan.model,
+        Recipe([], budget_plan.solver(c.candidates.damp)),
+        c.workers,
+        [*c.ignore, *budget_plan.ignore],
+        progress,
+        plan.calibration,
+        c.calibration.shards,
+        c.threads_per_worker,
+    )
+
+
+def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPlan]:
+    """Measure, plan and solve; returns the solved result and the plan it followed."""
+    c = cfg.compress
+    b = c.budget
+    print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
+    measured = run_compression(
+        plan.model,
+        plan.recipe,
+        c.workers,
+        c.ignore,
+        progress,
+        plan.calibration,
+        c.calibration.shards,
+        c.threads_per_worker,
+        plan.layers,
+    )
+    options = {name: record.options for name, record in measured.records.items()}
+    del measured
+    planner = Planner(plan.model, options, plan.tokenizer)
+    result, search = None, None
+    try:
+        if b.bytes is not None:
+            chosen = planner.for_bytes(parse_bytes(b.bytes))
+        elif b.avg_bits is not None:
+            chosen = planner.for_avg_bits(b.avg_bits)
+        else:
+            chosen, result, search = _search(cfg, plan, planner, progress)
+    except UnsupportedError as e:
+        raise ConfigError(f"compress.budget: {e}") from None
+    print(chosen.table(), flush=True)
+    log_plan(run, chosen, search)
+    if result is None:
+        result = _solve(cfg, plan, chosen, progress)
+    return result, chosen
+
+
+def _search(cfg, plan, planner: Planner, progress):
+    """``max_ppl_increase_pct``: the bisection of :meth:`Planner.search_ppl`, each step solved
+    on the workers and measured on the validation split's first ``search_tokens`` tokens."""
+    from presso.orchestrator.evaluate import perplexity
+
+    b, e = cfg.compress.budget, cfg.eval
+    tokens = plan.corpus.val
+
+    def ppl(model) -> float:
+        return perplexity(model, tokens, e.seq_len, b.search_tokens, e.batch_size).perplexity
+
+    base = ppl(plan.model)
+    latest: list = [None, None]  # the last plan solved and its result (the best is usually last)
+
+    def ppl_of(candidate: BudgetPlan) -> float:
+        result = _solve(cfg, plan, candidate, progress)
+        value = ppl(result.model)
+        print(
+            f"presso: budget search: {candidate.artifact_bytes:,} bytes, held-out perplexity "
+            f"{value:.4g} (dense {base:.4g})",
+            flush=True,
+        )
+        latest[:] = [candidate, result]
+        return value
+
+    chosen, history = planner.search_ppl(ppl_of, base, b.max_ppl_increase_pct, b.search_steps)
+    target = base * (1 + b.max_ppl_increase_pct / 100)
+    search = {"base_ppl": base, "target_ppl": target, "steps": history}
+    return chosen, latest[1] if latest[0] is chosen else None, search
+
+
+def check_artifact(chosen: BudgetPlan, artifact_bytes: int, budget) -> None:
+    """The artifact must be the planned size and within a byte budget."""
+    limit = parse_bytes(budget.bytes) if budget.bytes is not None else None
+    if artifact_bytes != chosen.artifact_bytes or (limit is not None and artifact_bytes > limit):
+        raise IntegrityError(
+            f"compress.budget: the artifact has {artifact_bytes:,} bytes but the plan predicted "
+            f"{chosen.artifact_bytes:,} (budget {budget.bytes}); the artifact format changed "
+            "under the planner's size model (presso.compressors.artifact_size) — report this"
+        )
+
+
+def choice_grid(chosen: BudgetPlan) -> tuple[list[str], list[str], list[list[float]]]:
+    """Stored bits per weight of each planned layer as ``(blocks, layer kinds, values)``:
+    rows are decoder blocks, columns the layers inside a block (q_proj, ..., down_proj)."""
+    cells = {}
+    for name, option in zip(chosen.names, chosen.chosen):
+        _, _, rest = name.partition(".layers.")
+        block, _, kind = rest.partition(".")
+        kind = kind.rpartition(".")[2]  # q_proj, ..., down_proj: short column labels
+        cells[block, kind] = 8 * option.bytes / option.weights
+    blocks = list(dict.fromkeys(b for b, _ in cells))
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    return blocks, kinds, [[cells.get((b, k), float("nan")) for k in kinds] for b in blocks]
+
+
+def log_plan(run, chosen: BudgetPlan, search: dict | None) -> None:
+    """The plan's table and rows (and the perplexity search's steps), the heat map, totals."""
+    from presso.orchestrator.plots import plot_layer_choices
+
+    run.text(chosen.table(), "budget_plan.txt")
+    run.text(json.dumps({"rows": chosen.rows(), "search": search}, indent=1), "budget_plan.json")
+    blocks, kinds, values = choice_grid(chosen)
+    plot_layer_choices(
+        run,
+        [f"block {b}" for b in blocks],
+        kinds,
+        values,
+        label="stored bits per weight",
+        filename="budget_plan.png",
+        xlabel="layer",
+    )
+    run.metrics(
+        {
+            "compress/planned_artifact_bytes": chosen.artifact_bytes,
+            "compress/planned_avg_bits": chosen.avg_bits,
+            "compress/planned_error": chosen.total_error,
+        },
+        0,
+    )
