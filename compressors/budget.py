@@ -66,7 +66,7 @@ class BudgetConfig:
 
     bytes: str | None = None  # whole artifact at most: 40000000, "40MB" (10^6) or "40MiB" (2^20)
     avg_bits: float | None = None  # stored bits per planned weight, scales and masks included
-    max_ppl_increase_pct: float | None = None  # allowed perplexity rise, held-out calibration
+    max_ppl_increase_pct: float | None = None  # allowed perplexity rise on held-out text (%)
     search_steps: int = 6  # perplexity evaluations spent by the max_ppl_increase_pct search
     search_tokens: int = 8192  # held-out tokens each of those evaluations reads
 

@@ -57,6 +57,12 @@ def _fault(spec: str | None) -> tuple[int, int] | None:
 
 class WorkerPool:
     def __init__(self, size: int, threads: int = 1) -> None:
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < size:  # each worker holds a CPU: the others would wait (for an autoscaler)
+            print(f"presso: {size} compression workers but {cpus:g} CPUs in the Ray cluster; "
+                  "workers beyond them start only when CPUs free up", flush=True)  # fmt: skip
         fault = _fault(os.environ.get("PRESSO_INJECT_COMPRESS_FAULT"))
         self.cls = _actor_class()
         self.threads = threads
