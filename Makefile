@@ -31,8 +31,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The quick variants (minutes each); drop --quick for the full tables in bench/results/.
+# Peer rows need `pip install -e '.[peers]'` (llm-compressor, galore-torch; it pins transformers 5.17).
 bench: setup
 	$(BIN)/python bench/gradcomp.py --quick && $(BIN)/python bench/optim.py --quick
+	$(BIN)/python bench/ptq.py --quick && $(BIN)/python bench/budget.py --quick
 
 clean:
 	rm -rf presso_runs .pytest_cache
