@@ -1,0 +1,337 @@
+"""Post-training quantization and pruning of SmolLM2-135M: Presso's methods against RTN, each
+other and llm-compressor, with 1 and 2 compression workers.
+
+    python bench/ptq.py [--quick] [--calib-samples N] [--eval-tokens N] [--no-peers]
+
+Every row starts from the same fp32 model (SmolLM2-135M-Instruct dequantized from its GGUF
+Q4_1 source, so it already sits on a 4-bit grid per 32 columns: other grids stack a second
+rounding), the same calibration windows (``--calib-samples`` windows of 512 tokens drawn from
+the Shakespeare train split with seed 0) and the same evaluation (perplexity over the first
+``--eval-tokens`` tokens of the test split, Macbeth and The Tempest, in windows of 512).
+SmolLM2's width 576 is not a multiple of 128, so the grouped rows use groups of 64 (576 = 9 × 64).
+``lm_head`` (tied to the embedding) stays dense in every row.
+
+Presso rows run the real compress stage (``run_compression``: a Ray actor pool, data-parallel
+calibration, layer-parallel solves) once with 1 worker and once with 2, check that both give
+the same records, save the artifact and measure perplexity on the artifact *reloaded* from
+disk. Wall seconds cover the whole stage: actor start, calibration, solves.
+
+Peer rows (llm-compressor's ``oneshot``: GPTQModifier W4/W3 g64 symmetric with its default
+static act-order, SparseGPTModifier and WandaPruningModifier at 50 %) run in this process on
+the same model folder, calibration windows and evaluation when ``llmcompressor`` imports
+(``pip install presso[peers]``); otherwise they are skipped with a note. A peer uses torch's
+threads (both cores) in one process; its wall seconds are in ``wall_s_2w``.
+
+Writes ``bench/results/ptq.json`` (``--quick``: ``ptq_quick.json``): ``rows`` with the fields
+``method, bits, group_size, sparsity, ppl, ppl_ratio, avg_bits, artifact_bytes, wall_s_1w,
+wall_s_2w``, plus the settings, the checks and the machine's load per row. Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SEQ_LEN = 512
+G = 64  # 576 = 9 × 64
+
+
+@dataclass
+class Row:
+    method: str
+    bits: int | None  # code width; None for pure pruning (kept values fp16)
+    group_size: int | None
+    sparsity: float
+    recipe: list  # Presso recipe, or the peer modifier's settings
+    quick: bool = False  # part of --quick
+    peer: str | None = None  # llm-compressor modifier: gptq | sparsegpt | wanda
+
+
+def quant(method: str, bits: int, group: int, quick: bool = False, **extra) -> Row:
+    algo = method.split()[0]
+    return Row(
+        method, bits, group, 0.0, [{algo: {"bits": bits, "group_size": group, **extra}}], quick
+    )
+
+
+def prune(method: str, quick: bool = False, **settings) -> Row:
+    return Row(method, None, None, 0.5, [{method.split()[0]: settings}], quick)
+
+
+ASYM = {"symmetric": False}
+ROWS = [
+    quant("rtn", 4, G, quick=True),
+    quant("rtn", 3, G),
+    quant("rtn asym", 4, 32, **ASYM),
+    quant("gptq", 4, G, quick=True, act_order=True),
+    quant("gptq", 3, G, act_order=True),
+    quant("gptq asym", 4, 32, act_order=True, **ASYM),
+    quant("awq", 4, G, quick=True),
+    quant("awq", 3, G),
+    quant("spqr", 4, G),
+    quant("spqr", 3, G),
+    quant("spqr g16", 3, 16),
+    prune("magnitude", quick=True, sparsity=0.5),
+    prune("magnitude 2:4", pattern="2:4"),
+    prune("wanda", quick=True, sparsity=0.5),
+    prune("wanda 2:4", pattern="2:4"),
+    prune("sparsegpt", quick=True, sparsity=0.5),
+    prune("sparsegpt 2:4", pattern="2:4"),
+]
+PEERS = [
+    Row("llmc gptq", 4, G, 0.0, [], True, "gptq"),
+    Row("llmc gptq", 3, G, 0.0, [], False, "gptq"),
+    Row("llmc sparsegpt", None, None, 0.5, [], False, "sparsegpt"),
+    Row("llmc wanda", None, None, 0.5, [], False, "wanda"),
+]
+QUICK_BOTH = {"gptq"}  # --quick measures 1 and 2 workers for these rows only
+
+
+def label(row: Row) -> str:
+    return f"{row.method} W{row.bits}" if row.bits else row.method
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(t, b[n].tensors()[k]) for n in a for k, t in a[n].tensors().items()
+    )
+
+
+def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
+    from presso import load_compressed
+    from presso.compressors.artifact import save_compressed
+    from presso.orchestrator.compress import run_compression
+
+    walls, results = {}, {}
+    for workers in workers_list:
+        tick = time.perf_counter()
+        results[workers] = run_compression(
+            model, row.recipe, workers, ["lm_head"], calibration=calib, shards=8
+        )
+        walls[workers] = time.perf_counter() - tick
+    if len(results) == 2:
+        checks[f"{label(row)}: 1 and 2 workers give the same records"] = _same(
+            results[1].records, results[2].records
+        )
+    result = results[workers_list[-1]]
+    folder = Path(tempfile.mkdtemp(prefix="presso-ptq-"))
+    try:
+        info = save_compressed(result.model, result.records, folder / "artifact")
+        ppl = evaluate(load_compressed(folder / "artifact"))
+        if row.method == "gptq" and row.bits == 4:  # the artifact reproduces the model it saved
+            checks["gptq W4: reloaded artifact ppl == in-memory ppl"] = ppl == evaluate(
+                result.model
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "ppl": ppl,
+        "avg_bits": info.avg_bits,
+        "artifact_bytes": info.artifact_bytes,
+        "wall_s_1w": walls.get(1),
+        "wall_s_2w": walls.get(2),
+    }
+
+
+def _peer_modifier(row):
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    if row.peer == "gptq":
+        weights = {"num_bits": row.bits, "type": "int", "symmetric": True}
+        weights.update(strategy="group", group_size=row.group_size)
+        group = {"targets": ["Linear"], "weights": weights}
+        return GPTQModifier(config_groups={"group_0": group}, ignore=["lm_head"])
+    cls = SparseGPTModifier if row.peer == "sparsegpt" else WandaPruningModifier
+    return cls(sparsity=row.sparsity, mask_structure="0:0", ignore=["lm_head"])
+
+
+def compressed_layer_bytes(folder: Path, linears: dict[str, int]) -> tuple[int, int]:
+    """Bytes stored for the decoder linears' weights in a saved folder (every ``weight*``
+    tensor of theirs: codes, scales, zeros, masks), and the number of weights they encode."""
+    from safetensors import safe_open
+
+    stored = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                owner = next(
+                    (i for i in range(1, len(parts)) if ".".join(parts[:i]) in linears), None
+                )
+                if owner is not None and parts[owner].startswith("weight"):
+                    t = f.get_tensor(key)
+                    stored += t.numel() * t.element_size()
+    return stored, sum(linears.values())
+
+
+def peer_row(row, folder, calib, evaluate, linears) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.core import active_session
+
+    ids = torch.cat(calib)
+    data = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * SEQ_LEN] * len(ids)}
+    )
+    tick = time.perf_counter()
+    model = oneshot(
+        model=str(folder),
+        processor=str(folder),
+        dataset=data,
+        recipe=_peer_modifier(row),
+        num_calibration_samples=len(ids),
+        max_seq_length=SEQ_LEN,
+        shuffle_calibration_samples=False,
+        batch_size=calib[0].shape[0],
+    )
+    wall = time.perf_counter() - tick
+    ppl = evaluate(model)
+    out = Path(tempfile.mkdtemp(prefix="presso-ptq-peer-"))
+    try:
+        model.save_pretrained(out, save_compressed=True)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        stored, weights = compressed_layer_bytes(out, linears)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        active_session().reset()
+    return {
+        "ppl": ppl,
+        "avg_bits": 8 * stored / weights,
+        "artifact_bytes": size,
+        "wall_s_1w": None,
+        "wall_s_2w": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a subset in about 10 minutes")
+    parser.add_argument("--calib-samples", type=int, help="windows of 512 (default 16; quick 4)")
+    parser.add_argument("--eval-tokens", type=int, help="test tokens (default 8192; quick 4096)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the llm-compressor rows")
+    args = parser.parse_args()
+    samples = args.calib_samples or (4 if args.quick else 16)
+    eval_tokens = args.eval_tokens or (4096 if args.quick else 8192)
+
+    from presso.orchestrator.pipeline import quiet_environment
+
+    quiet_environment()
+    import ray
+
+    from presso.orchestrator import data
+    from presso.orchestrator.compress import calibration_batches
+    from presso.orchestrator.evaluate import perplexity
+    from presso.orchestrator.models import load_pretrained, smollm2_folder
+
+    torch.set_num_threads(2)
+    folder = smollm2_folder()
+    model, tokenizer = load_pretrained(folder)
+    works = data.load_works(None)
+    splits = data.split_works(works, ["hamlet", "sonnets"], ["macbeth", "tempest"])
+    corpus = data.build_corpus(works, splits, tokenizer)
+    calib = calibration_batches(corpus.train, samples, SEQ_LEN, batch_size=4, seed=0)
+
+    def evaluate(m) -> float:
+        return perplexity(m, corpus.test, SEQ_LEN, eval_tokens, batch_size=4).perplexity
+
+    linears = {
+        n: m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
+    }
+    dense = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    base = evaluate(model)
+    fp32 = {"method": "fp32", "bits": 32, "group_size": None, "sparsity": 0.0, "ppl": base}
+    fp32.update(ppl_ratio=1.0, avg_bits=32.0, artifact_bytes=dense, wall_s_1w=None, wall_s_2w=None)
+    rows, checks, loads, notes = [fp32], {}, {}, []
+    print(table([fp32]), flush=True)
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    selected = [r for r in ROWS if r.quick or not args.quick]
+    peers = [] if args.no_peers else [r for r in PEERS if r.quick or not args.quick]
+    if peers:
+        try:
+            import llmcompressor  # noqa: F401
+        except ImportError as e:
+            notes.append(f"llm-compressor rows skipped: {e} (pip install presso[peers])")
+            peers = []
+    for row in [*peers, *selected]:  # peers first: a broken peer install shows in minutes
+        before = load()
+        if row.peer:
+            values = peer_row(row, folder, calib, evaluate, linears)
+        else:
+            both = not args.quick or row.method in QUICK_BOTH
+            values = presso_row(row, model, calib, evaluate, [1, 2] if both else [2], checks)
+        out = {"method": row.method, "bits": row.bits, "group_size": row.group_size}
+        out.update(sparsity=row.sparsity, ppl=values["ppl"], ppl_ratio=values["ppl"] / base)
+        out.update({k: values[k] for k in ("avg_bits", "artifact_bytes", "wall_s_1w", "wall_s_2w")})
+        rows.append(out)
+        loads[label(row)] = [round(before, 2), round(load(), 2)]
+        print(table([out], header=False), flush=True)
+    ray.shutdown()
+
+    settings = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+        "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards",
+        "eval": f"first {eval_tokens} test tokens (macbeth, tempest) in windows of {SEQ_LEN}",
+        "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
+        "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
+        "cores": os.cpu_count(),
+    }
+    name = "ptq_quick" if args.quick else "ptq"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"rows": rows, "checks": checks, "load_1min": loads, "notes": notes}
+    (RESULTS / f"{name}.json").write_text(json.dumps({"settings": settings, **report}, indent=1))
+    lines = [table(rows), ""]
+    lines += [f"{'ok ' if ok else 'FAILED'} {key}" for key, ok in checks.items()]
+    lines += [f"note: {note}" for note in notes]
+    lines.append(f"settings: {json.dumps(settings)}")
+    (RESULTS / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"wrote {RESULTS / name}.json and .txt")
+
+
+COLUMNS = [  # field, header, width, format of a value
+    ("method", "method", 14, "{}"),
+    ("bits", "bits", 4, "{}"),
+    ("group_size", "group", 5, "{}"),
+    ("sparsity", "sparsity", 8, "{:.2f}"),
+    ("ppl", "ppl", 8, "{:.3f}"),
+    ("ppl_ratio", "ratio", 6, "{:.3f}"),
+    ("avg_bits", "avg bits", 8, "{:.3f}"),
+    ("artifact_bytes", "MB", 7, "{:.1f}"),
+    ("wall_s_1w", "s 1w", 7, "{:.1f}"),
+    ("wall_s_2w", "s 2w", 7, "{:.1f}"),
+]
+
+
+def table(rows: list[dict], header: bool = True) -> str:
+    def cell(key, fmt, value):
+        if value is None:
+            return "—"
+        return fmt.format(value / 1e6 if key == "artifact_bytes" else value)
+
+    lines = ["  ".join(head.rjust(width) for _, head, width, _ in COLUMNS)] if header else []
+    for row in rows:
+        lines.append("  ".join(cell(k, f, row[k]).rjust(w) for k, _, w, f in COLUMNS))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
