@@ -242,7 +242,7 @@ def compress_layers(
     make_stats = recipe.solver_stats()
     records, results = {}, []
     for i, (prefix, names) in enumerate(plan.blocks):
-        tick = time.perf_counter()
+        phases = {"stats": time.perf_counter()}  # phase -> its start, then its seconds
         block = modules[prefix]
         shard_refs = [ray.put(inputs.shard(s, count)) for s in range(count)]
         for t in recipe.transforms:
@@ -251,10 +251,12 @@ def compress_layers(
         stats = {}
         if make_stats is not None:
             stats = gather_stats(pool, ray.put(block), shard_refs, make_stats, prefix, names)
+        phases["solve"] = time.perf_counter()
         done, res = solve_layers(pool, jobs(names, stats), i, on_layer)
         apply_records(block, done, prefix)
         records.update(done)
         results += res
+        phases["outputs"] = time.perf_counter()
         if i + 1 < len(plan.blocks):
             block_ref = ray.put(block)
             workers = _spread(pool, count)
@@ -262,8 +264,12 @@ def compress_layers(
             hidden = [h for part in pool.run(tasks) for h in part]
             inputs = BlockInputs(hidden, inputs.kwargs)
         if on_block:
-            seconds = time.perf_counter() - tick
-            on_block(f"block {i + 1}/{len(plan.blocks)}: {len(names)} layers in {seconds:.1f} s")
+            marks = [*phases.values(), time.perf_counter()]
+            split = ", ".join(f"{p} {b - a:.1f}" for p, a, b in zip(phases, marks, marks[1:]))
+            on_block(
+                f"block {i + 1}/{len(plan.blocks)}: {len(names)} layers in "
+                f"{marks[-1] - marks[0]:.1f} s ({split})"
+            )
     return records, results
 
 
@@ -291,7 +297,6 @@ def run_compression(
     if recipe.needs_data and not calibration:
         raise DataError("compress: the recipe needs calibration batches, none were given")
     start = time.perf_counter()
-    work = copy.deepcopy(model)
     bar = progress(total=len(plan.names), desc="compress") if progress else None
 
     def block_line(text: str) -> None:
@@ -300,6 +305,7 @@ def run_compression(
 
     pool = WorkerPool(workers, threads)
     try:
+        work = copy.deepcopy(model)  # while the actors start
         records, layers = compress_layers(
             work,
             plan,

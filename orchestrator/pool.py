@@ -31,6 +31,9 @@ def _actor_class():
         def __init__(self, threads: int, fault_after: int | None) -> None:
             import torch
 
+            import presso.orchestrator.compress  # noqa: F401  (the tasks' module, imported while
+            # the driver prepares the first batch rather than when the first task arrives)
+
             torch.set_num_threads(threads)
             self.done, self.fault_after = 0, fault_after
 
