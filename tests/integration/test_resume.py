@@ -8,19 +8,37 @@ from safetensors.torch import load_file
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 RUN = ["train.steps=6", "train.eval_every=6", "train.checkpoint_every=2", "train.max_failures=1"]
-COMPRESSED = [
-    "train.optimizer.name=galore",
-    "train.optimizer.rank=8",
-    "train.optimizer.update_proj_gap=2",
+LOW_RANK = ["train.optimizer.rank=8", "train.optimizer.update_proj_gap=2"]
+LGRECO = [
     "train.grad_compression.method=lgreco",
     "train.grad_compression.warmup_steps=1",
     "train.grad_compression.adjust_every=2",
     "train.grad_compression.measure_steps=1",
     "train.grad_compression.min_numel=256",
 ]
+# Every gradient compressor family and every optimizer family, each carrying state
+# (error feedback, PowerSGD Q, L-GreCo plan, projectors, 8-bit moments) across the restart.
+CASES = {
+    "dense-ddp": [],
+    "lgreco-powersgd+galore": ["train.optimizer.name=galore", *LOW_RANK, *LGRECO],
+    "lgreco-topk+gradnormlorp8bit": [
+        "train.optimizer.name=gradnormlorp8bit",
+        *LOW_RANK,
+        *LGRECO,
+        "train.grad_compression.family=topk",
+    ],
+    "uniform-quant+galore8bit": [
+        "train.optimizer.name=galore8bit",
+        *LOW_RANK,
+        "train.grad_compression.method=uniform",
+        "train.grad_compression.family=quant",
+        "train.grad_compression.warmup_steps=1",
+        "train.grad_compression.min_numel=256",
+    ],
+}
 
 
-@pytest.mark.parametrize("overrides", [[], COMPRESSED], ids=["dense-ddp", "lgreco+galore"])
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
 def test_kill_and_resume_matches_uninterrupted(local_ray, train_stage, tmp_path, overrides):
     clean, _ = train_stage([*RUN, *overrides], "clean")
     resumed, run = train_stage([*RUN, *overrides], "faulty", fault="1:3")  # dies before step 4
