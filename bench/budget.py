@@ -205,10 +205,13 @@ def main() -> int:
         }
         print(plan.table(), flush=True)
 
-    print("\nbudget (bytes)   method                       artifact (bytes)  avg bits  perplexity")
+    lines = [
+        f"fp32 perplexity {dense_ppl:.3f}",
+        "budget (bytes)   method                       artifact (bytes)  avg bits  perplexity",
+    ]
     for r in rows:
         b = f"{r['budget_bytes']:,}" if r["budget_bytes"] else "-"
-        print(
+        lines.append(
             f"{b:>14}   {r['method']:<26} {r['artifact_bytes']:>16,}  {r['avg_bits']:8.3f}  "
             f"{r['ppl']:10.3f}"
         )
@@ -217,7 +220,10 @@ def main() -> int:
         uniform = next(r for r in rows if r["method"] == method)
         mixed = next(r for r in rows if r["budget_bytes"] == budget and r is not uniform)
         verdicts.append(mixed["ppl"] < uniform["ppl"] and mixed["artifact_bytes"] <= budget)
-        print(f"at {method}'s size: mixed {mixed['ppl']:.3f} vs uniform {uniform['ppl']:.3f}")
+        lines.append(
+            f"at {method}'s size: mixed {mixed['ppl']:.3f} vs uniform {uniform['ppl']:.3f}"
+        )
+    print("\n" + "\n".join(lines))
 
     name = "budget_quick" if args.quick else "budget"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -235,6 +241,7 @@ def main() -> int:
             indent=1,
         )
     )
+    (RESULTS / f"{name}.txt").write_text("\n".join(lines) + "\n")
     plot(rows, dense_ppl, RESULTS / f"{name}_pareto.png")
     log(f"wrote {RESULTS / name}.json and {name}_pareto.png")
     return 0 if all(verdicts) else 1
