@@ -243,7 +243,7 @@ def main() -> int:
     )
     (RESULTS / f"{name}.txt").write_text("\n".join(lines) + "\n")
     plot(rows, dense_ppl, RESULTS / f"{name}_pareto.png")
-    log(f"wrote {RESULTS / name}.json and {name}_pareto.png")
+    log(f"wrote {RESULTS / name}.json, .txt and {name}_pareto.png")
     return 0 if all(verdicts) else 1
 
 
