@@ -68,6 +68,7 @@ def log(message: str) -> None:
 def setup(args):
     """Model, tokenizer, calibration batches and evaluation tokens."""
     from presso.orchestrator import data
+    from presso.orchestrator.compress import calibration_batches
     from presso.orchestrator.models import load_pretrained, smollm2_folder
 
     model, tokenizer = load_pretrained(smollm2_folder())
@@ -90,10 +91,8 @@ def setup(args):
     corpus = data.build_corpus(
         works, data.split_works(works, ["hamlet", "sonnets"], ["macbeth", "tempest"]), tokenizer
     )
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, corpus.train.numel() - SEQ_LEN, (args.calib_samples,), generator=gen)
-    windows = torch.stack([corpus.train[s : s + SEQ_LEN] for s in starts.tolist()])
-    return model, tokenizer, list(windows.split(4)), corpus.test
+    calib = calibration_batches(corpus.train, args.calib_samples, SEQ_LEN, 4, seed=0)
+    return model, tokenizer, calib, corpus.test
 
 
 class Runner:
@@ -191,7 +190,10 @@ def main() -> int:
     tick = time.perf_counter()
     options = measure_model(model, calib, CandidateGrid())
     planner = Planner(model, options, tokenizer)
-    log(f"calibrated and measured {len(options)} layers in {time.perf_counter() - tick:.0f} s")
+    log(
+        f"weighed outputs by the loss, calibrated and measured {len(options)} layers in "
+        f"{time.perf_counter() - tick:.0f} s"
+    )
     sweep = [] if args.quick else [int(mb * 1e6) for mb in SWEEP_MB]
     for budget in [*budgets.values(), *sweep]:
         plan = planner.for_bytes(budget)

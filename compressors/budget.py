@@ -2,7 +2,8 @@
 
 The weight-side twin of L-GreCo: measure every layer's error for every candidate setting, then
 let :mod:`presso.compressors.solver` (the same knapsack the gradient controller uses) pick one
-candidate per layer::
+candidate per layer. Errors are weighted by the loss's sensitivity to each layer output
+(:func:`output_sensitivity`), so their sum estimates the loss increase of the whole plan::
 
     options = measure_model(model, calib_batches, CandidateGrid())  # one pass, dense model
     planner = Planner(model, options, tokenizer)
@@ -37,11 +38,11 @@ from decimal import Decimal
 
 import torch
 
-from presso import ConfigError, UnsupportedError
+from presso import ConfigError, DataError, UnsupportedError
 from presso.compressors.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
 from presso.compressors.calibration import HessianStats
 from presso.compressors.candidates import Candidate, CandidateGrid, Option, measure_layer
-from presso.compressors.ptq import Recipe, compress_model, validate_model
+from presso.compressors.ptq import Recipe, compress_model, model_inputs, validate_model
 from presso.compressors.registry import check_range
 from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
 
@@ -106,6 +107,55 @@ class Measured:
         return self.weight
 
 
+def output_sensitivity(
+    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
+) -> dict[str, torch.Tensor]:
+    """How much the loss cares about each output of each planned layer: the mean over
+    calibration tokens of ``(∂L/∂yᵢ)²``, ``L`` the summed next-token loss (a diagonal Fisher).
+
+    Weighting a layer's output errors by it turns ``tr(Δ H Δᵀ)`` into a second-order estimate of
+    the loss increase, ``Δ(mean loss) ≈ ½ Σᵢ fᵢ (Δ H Δᵀ)ᵢᵢ``, comparable across layers: an error in
+    an early block's small outputs, which every later block reads, is no longer taken as cheap.
+    One forward and backward pass of the dense model per batch; weights are left untouched.
+    """
+    layers = planned_layers(model, ignore)
+    sums = {
+        name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in layers.items()
+    }
+    tokens = 0
+
+    def hook(name):
+        def record(module, grad_input, grad_output):
+            g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).double()
+            sums[name] += g.square().sum(0)
+
+        return record
+
+    handles = [lin.register_full_backward_hook(hook(name)) for name, lin in layers.items()]
+    was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)  # gradients reach the layer outputs without any weight's
+    try:
+        for batch in calib_batches:
+            inputs = model_inputs(batch)
+            ids = inputs["input_ids"]
+            predicted = ids[:, 1:].numel()
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+            out = model(inputs_embeds=embeds, labels=ids, use_cache=False, **rest)
+            (out.loss * predicted).backward()
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+    if not tokens:
+        raise DataError("output_sensitivity: no calibration batches given")
+    return {name: (s / (2 * tokens)).float() for name, s in sums.items()}
+
+
 @dataclass
 class MeasureSolver:
     """A recipe solver that measures instead of compressing: the PTQ pipeline (one process, or
@@ -113,6 +163,7 @@ class MeasureSolver:
     layers like any solve."""
 
     grid: CandidateGrid  # the candidates offered to every layer
+    sensitivity: dict[str, torch.Tensor] | None = None  # per-output loss weights by layer name
 
     name = "budget-measure"
     needs_calibration = True
@@ -121,7 +172,8 @@ class MeasureSolver:
         return HessianStats.empty(in_features)
 
     def compress(self, weight: torch.Tensor, stats: HessianStats, name: str = "layer") -> Measured:
-        return Measured(weight, measure_layer(weight, stats, self.grid, name))
+        weights = None if self.sensitivity is None else self.sensitivity[name]
+        return Measured(weight, measure_layer(weight, stats, self.grid, name, weights))
 
 
 def measure_model(
@@ -130,9 +182,15 @@ def measure_model(
     grid: CandidateGrid,
     ignore: Iterable[str] = ("lm_head",),
     progress: Callable | None = None,
+    sensitivity: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[Option]]:
-    """Each planned layer's measured candidates, in one process (the model is left as it was)."""
-    records = compress_model(model, [MeasureSolver(grid)], calib_batches, ignore, progress)
+    """Each planned layer's measured candidates, in one process (the model is left as it was).
+    ``sensitivity``: :func:`output_sensitivity`'s result when the caller has it already."""
+    calib_batches = list(calib_batches)  # read twice when weighting by the loss
+    if sensitivity is None and grid.error == "loss":
+        sensitivity = output_sensitivity(model, calib_batches, ignore)
+    solver = MeasureSolver(grid, sensitivity)
+    records = compress_model(model, [solver], calib_batches, ignore, progress)
     return {name: record.options for name, record in records.items()}
 
 

@@ -15,11 +15,15 @@ record holds — codes, scales, zero points, masks, offsets, shape tensors — s
 checked before any calibration. The tests hold them equal to what ``save_compressed`` stores.
 
 **Errors** are a cheap proxy of the output error ``‖X Wᵀ - X Ŵᵀ‖²`` per calibration token,
-``tr(Δ H Δᵀ)`` with the full mean Hessian (fp32 products: a ranking, not a report), where ``Δ``
-is the error of the data-free version of the candidate: round-to-nearest for grids, magnitude
-masks for pruning. The low-rank factors are already the output-optimal ones. The planner then
-solves each chosen setting properly (GPTQ, SparseGPT: :meth:`Candidate.solver`), which only
-lowers the errors; the proxy decides where the bytes go.
+``(Δ H Δᵀ)ᵢᵢ`` per output ``i`` with the full mean Hessian (fp32 products: a ranking, not a
+report), where ``Δ`` is the error of the data-free version of the candidate: round-to-nearest for
+grids, magnitude masks for pruning. The low-rank factors are already the output-optimal ones.
+By default (``error: loss``) each output's error is weighted by the loss's sensitivity to that
+output (:func:`~presso.compressors.budget.output_sensitivity`), which makes errors of different
+layers comparable; unweighted, a small error in an early block's attention outputs looks cheap
+though every later block reads it. The planner then solves each chosen setting properly (GPTQ,
+SparseGPT: :meth:`Candidate.solver`), which only lowers the errors; the proxy decides where the
+bytes go.
 """
 
 from __future__ import annotations
@@ -163,6 +167,9 @@ class CandidateGrid:
     lowrank_energy: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9, 0.95])
     dense: bool = True  # a layer may stay uncompressed
     damp: float = 0.01  # Hessian dampening of the solvers and the low-rank fit
+    # "loss": each output's error weighted by the loss's sensitivity to it (one extra backward
+    # pass; errors comparable across layers); "output": plain tr(ΔHΔᵀ), cheaper, often misleads
+    error: str = "loss"
 
     def validate(self, prefix: str) -> None:
         for i, b in enumerate(self.bits):
@@ -179,6 +186,8 @@ class CandidateGrid:
             check_range(f"{prefix}.lowrank_energy[{i}]", e, 1e-6, 1.0)
         check_range(f"{prefix}.sparsity", self.sparsity, 0.01, 0.99)
         check_range(f"{prefix}.damp", self.damp, 0.0, 1.0)
+        if self.error not in ("loss", "output"):
+            raise ConfigError(f"{prefix}.error: expected 'loss' or 'output', got {self.error!r}")
         if not (self.bits or self.sparse_patterns or self.lowrank_energy or self.dense):
             raise ConfigError(f"{prefix}: offers no candidate; give bits, patterns or ranks")
 
@@ -223,16 +232,26 @@ class Option:
     weights: int  # weights of the layer (out × in)
 
 
-def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(Δ H Δᵀ)``: mean squared output error per token of a weight change (fp32 products)."""
-    return float(((delta @ hessian) * delta).sum(dtype=torch.float64))
+def output_error(
+    delta: torch.Tensor, hessian: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> float:
+    """``tr(Δ H Δᵀ)``: mean squared output error per token of a weight change (fp32 products);
+    with ``row_weights`` ``f``, ``Σᵢ fᵢ (Δ H Δᵀ)ᵢᵢ``: each output's error weighted by how much
+    the loss cares about that output (see :func:`~presso.compressors.budget.output_sensitivity`)."""
+    rows = ((delta @ hessian) * delta).sum(1, dtype=torch.float64)
+    return float(rows.sum() if row_weights is None else rows @ row_weights.double())
 
 
 def measure_layer(
-    weight: torch.Tensor, stats: HessianStats, grid: CandidateGrid, name: str = "layer"
+    weight: torch.Tensor,
+    stats: HessianStats,
+    grid: CandidateGrid,
+    name: str = "layer",
+    row_weights: torch.Tensor | None = None,
 ) -> list[Option]:
-    """Every candidate of one layer with its exact bytes and proxy error; layers are
-    independent, so workers can measure them in any order."""
+    """Every candidate of one layer with its exact bytes and proxy error (weighted per output
+    by ``row_weights`` if given); layers are independent, so workers can measure them in any
+    order."""
     w = weight.detach().float()
     n, k = w.shape
     h = stats.hessian().float()
@@ -252,7 +271,7 @@ def measure_layer(
         if record is None:
             options.append(Option(c, spec_bytes(specs), 0.0, None, None, specs, n * k))
         else:
-            error = output_error(record.dequantize() - w, h)
+            error = output_error(record.dequantize() - w, h, row_weights)
             options.append(
                 Option(c, spec_bytes(specs), error, record.format, record.scheme(), specs, n * k)
             )

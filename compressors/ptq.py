@@ -163,7 +163,8 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass after the first block's inputs."""
 
 
-def _model_inputs(batch) -> dict:
+def model_inputs(batch) -> dict:
+    """A calibration batch as model keyword arguments (token ids alone, or a dict)."""
     return dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
 
 
@@ -184,7 +185,7 @@ def capture_block_inputs(model: torch.nn.Module, calib_batches: Iterable) -> Blo
     try:
         for batch in calib_batches:
             try:
-                model(**_model_inputs(batch), use_cache=False)
+                model(**model_inputs(batch), use_cache=False)
             except _Captured:
                 pass
     finally:

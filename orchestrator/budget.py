@@ -1,6 +1,8 @@
 """The compress stage under ``compress.budget``: measure on the workers, plan, solve.
 
-1. **Measure**: the distributed PTQ pipeline runs with
+1. **Measure**: one forward and backward pass of the dense model on the driver weighs each
+   layer's outputs by the loss (:func:`~presso.compressors.budget.output_sensitivity`, unless
+   ``compress.candidates.error: output``); then the distributed PTQ pipeline runs with
    :class:`~presso.compressors.budget.MeasureSolver` as its solver. That is one calibration pass
    over the dense model (statistics data-parallel over shards, as for any recipe), with every
    layer's candidates measured on the workers, layer-parallel like solves.
@@ -25,6 +27,7 @@ from presso.compressors.budget import (
     MeasureSolver,
     Planner,
     min_artifact_bytes,
+    output_sensitivity,
     parse_bytes,
     planned_layers,
 )
@@ -81,10 +84,14 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
     """Measure, plan and solve; returns the solved result and the plan it followed."""
     c = cfg.compress
     b = c.budget
+    sensitivity = None
+    if c.candidates.error == "loss":
+        print("presso: weighing each layer's outputs by the loss (one backward pass)", flush=True)
+        sensitivity = output_sensitivity(plan.model, plan.calibration, c.ignore)
     print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
     measured = run_compression(
         plan.model,
-        plan.recipe,
+        Recipe([], MeasureSolver(c.candidates, sensitivity)),
         c.workers,
         c.ignore,
         progress,

@@ -20,10 +20,12 @@ from presso.compressors.budget import (
     Planner,
     measure_model,
     min_artifact_bytes,
+    output_sensitivity,
     parse_bytes,
+    planned_layers,
 )
 from presso.compressors.calibration import HessianStats
-from presso.compressors.candidates import CandidateGrid
+from presso.compressors.candidates import CandidateGrid, measure_layer
 from presso.compressors.ptq import compress_model
 
 
@@ -234,3 +236,74 @@ def test_plan_table_lists_every_layer_and_the_totals(planned):
     assert len(lines) == len(plan.names) + 2
     assert lines[-1].startswith("total") and f"{plan.artifact_bytes:,}" in lines[-1]
     assert json.loads(json.dumps(plan.rows()))[0]["layer"] == plan.names[0]
+
+
+def test_output_sensitivity_is_each_outputs_mean_squared_loss_gradient(tiny_llama):
+    """The loss weights must be ½·mean over tokens of (∂L/∂y)², L the summed next-token loss,
+    for every planned layer, computed here the plain autograd way; and measuring must leave
+    the model as it found it (weights, requires_grad, no .grad)."""
+    model = tiny_llama
+    gen = torch.Generator().manual_seed(2)
+    calib = [torch.randint(0, 96, (2, 12), generator=gen) for _ in range(3)]
+    before = copy.deepcopy(model.state_dict())
+    sens = output_sensitivity(model, calib)
+
+    layers = planned_layers(model, ["lm_head"])
+    assert set(sens) == set(layers)
+    expected = {name: 0.0 for name in layers}
+    outputs = {}
+    hooks = [
+        lin.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+        for name, lin in layers.items()
+    ]
+    for ids in calib:
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        grads = torch.autograd.grad(loss, [outputs[n] for n in layers])
+        for name, g in zip(layers, grads):
+            expected[name] = expected[name] + g.reshape(-1, g.shape[-1]).double().square().sum(0)
+    for h in hooks:
+        h.remove()
+    tokens = sum(ids.numel() for ids in calib)
+    for name in layers:
+        torch.testing.assert_close(sens[name].double(), expected[name] / (2 * tokens), rtol=1e-4,
+                                   atol=1e-12)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_weighted_errors_are_each_outputs_error_times_its_weight():
+    """Weights of one make the plain tr(ΔHΔᵀ); a weight on one output alone leaves that
+    output's error alone, so the weighting is per output, not a layer-wide factor."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(6, 32), torch.randn(200, 32)
+    stats = HessianStats.empty(32)
+    stats.update(x)
+    grid = CandidateGrid(bits=[3], group_sizes=[-1], symmetric=[True], sparse_patterns=[],
+                         lowrank_energy=[], dense=False)  # fmt: skip
+    plain = measure_layer(weight, stats, grid)
+    assert measure_layer(weight, stats, grid, row_weights=torch.ones(6))[0].error == (
+        pytest.approx(plain[0].error, rel=1e-6)
+    )
+    one_row = torch.zeros(6)
+    one_row[2] = 5.0
+    delta = plain[0].candidate.proxy(weight).dequantize() - weight
+    row_error = float(((x @ delta[2]) ** 2).mean())
+    assert measure_layer(weight, stats, grid, row_weights=one_row)[0].error == pytest.approx(
+        5.0 * row_error, rel=1e-4
+    )
+
+
+def test_the_plan_spends_bytes_where_the_loss_is_sensitive(planned):
+    """Given that the loss cares 10⁶ times more about one layer's outputs, a tight budget keeps
+    that layer more precise than any other: weights move bytes between layers."""
+    model, calib, _ = planned
+    sens = output_sensitivity(model, calib)
+    precious = list(sens)[3]
+    sens[precious] = sens[precious] * 1e6
+    planner = Planner(model, measure_model(model, calib, CandidateGrid(), sensitivity=sens))
+    plan = planner.for_avg_bits(3.0)
+    bits = {r["layer"]: r["bits"] for r in plan.rows()}
+    assert bits[precious] == max(bits.values()) > min(bits.values())

@@ -31,6 +31,7 @@ def test_job_budget_and_overrides_load():
         (["compress.candidates.bits=[2, 9]"], r"^compress\.candidates\.bits\[1\]: must be in"),
         (["compress.candidates.group_sizes=[0]"], r"^compress\.candidates\.group_sizes\[0\]"),
         (["compress.candidates.sparse_patterns=[5:4]"], r"candidates\.sparse_patterns\[0\]"),
+        (["compress.candidates.error=fisher"], r"^compress\.candidates\.error: expected 'loss'"),
         (["compress.recipe=[{awq: {}}, {gptq: {}}]"], r"^compress\.budget: a budget plan"),
     ],
 )
