@@ -69,24 +69,13 @@ def setup(args):
     """Model, tokenizer, calibration batches and evaluation tokens."""
     from presso.orchestrator import data
     from presso.orchestrator.compress import calibration_batches
-    from presso.orchestrator.models import load_pretrained, smollm2_folder
+    from presso.orchestrator.config import ScratchModelConfig
+    from presso.orchestrator.models import build_scratch, load_pretrained, smollm2_folder
 
     model, tokenizer = load_pretrained(smollm2_folder())
     if args.quick:  # a tiny random Llama with SmolLM2's tokenizer: checks the script, not numbers
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-            )
-        ).eval()
+        shape = ScratchModelConfig(hidden_size=128, num_layers=2, intermediate_size=256)
+        model = build_scratch(shape, len(tokenizer), max_len=2048, seed=0).eval()
     works = data.load_works(None)
     corpus = data.build_corpus(
         works, data.split_works(works, ["hamlet", "sonnets"], ["macbeth", "tempest"]), tokenizer

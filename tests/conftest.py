@@ -30,19 +30,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _make_llama(vocab_size=96, num_layers=2, hidden_size=64, kv_heads=2, tied=True, seed=0):
+    """A tiny Llama (4 heads, MLP width 128) in eval mode, its weights drawn from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def make_llama():
+    """The one tiny-Llama factory of the tests (keyword arguments: vocab_size, num_layers,
+    hidden_size, kv_heads, tied, seed)."""
+    return _make_llama
+
+
 @pytest.fixture
 def tiny_llama():
     """A 2-layer Llama small enough for exact checks in milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return _make_llama()

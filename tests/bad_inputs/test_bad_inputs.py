@@ -29,21 +29,6 @@ BASE = {
 }
 
 
-def _tiny_model(seed=0, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
-
-
 def _save(model, folder: Path) -> Path:
     model.save_pretrained(folder)
     ByteTokenizer().save_pretrained(folder)
@@ -61,19 +46,20 @@ def _checkpoint(folder: Path, model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, make_llama):
+    tiny = dict(vocab_size=256, num_layers=1, tied=False)
     root = tmp_path_factory.mktemp("bad_inputs")
     corpus = root / "corpus"
     corpus.mkdir()
     for name in ("alpha", "beta", "gamma", "delta"):
         (corpus / f"{name}_gut.txt").write_text(f"{name}: to be or not to be. " * 40)
     (root / "empty").mkdir()
-    model = _tiny_model()
+    model = make_llama(**tiny)
     good = _save(model, root / "model")
     corrupt = _save(model, root / "corrupt")
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    nan = _tiny_model()
+    nan = make_llama(**tiny)
     with torch.no_grad():
         nan.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     _save(nan, root / "nan")
@@ -88,8 +74,8 @@ def files(tmp_path_factory):
     shutil.copytree(root / "artifact_ok", root / "artifact")
     packed = root / "artifact" / "model.safetensors"
     packed.write_bytes(packed.read_bytes()[:-8] + b"\x00" * 8)
-    ckpt = _checkpoint(root / "ckpt", _tiny_model(hidden=32))
-    tampered = _checkpoint(root / "ckpt_tampered", _tiny_model())
+    ckpt = _checkpoint(root / "ckpt", make_llama(**tiny, hidden_size=32))
+    tampered = _checkpoint(root / "ckpt_tampered", make_llama(**tiny))
     (tampered / "rank1" / "train.pt").write_bytes(b"not a checkpoint")
     return {
         "CORPUS": corpus,

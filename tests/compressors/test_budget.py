@@ -44,23 +44,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def planned():
+def planned(make_llama):
     """The conftest's 2-layer tiny Llama, its calibration batches and a planner over the
     default candidates; built once for the module, since measuring is the slow part."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_llama()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 96, (2, 16), generator=gen) for _ in range(4)]
     options = measure_model(model, calib, CandidateGrid())

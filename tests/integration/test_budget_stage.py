@@ -4,7 +4,6 @@ saved to exactly the planned size within the budget, and logged (table, JSON, he
 import json
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from presso.compressors.artifact_size import ArtifactSizer
@@ -18,27 +17,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(tmp_path_factory, make_llama):
     """A tiny byte-level Llama saved as a model folder, and a four-work corpus."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("budget")
     corpus = root / "corpus"
     corpus.mkdir()
     for name in ("alpha", "beta", "gamma", "delta"):
         (corpus / f"{name}_gut.txt").write_text(f"{name}: to be or not to be, that is it. " * 60)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    ).eval()
+    model = make_llama(vocab_size=256)
     model.save_pretrained(root / "model")
     ByteTokenizer().save_pretrained(root / "model")
     return model, root

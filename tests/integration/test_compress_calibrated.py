@@ -117,11 +117,9 @@ def test_nan_activations_fail_naming_the_layer(pools, tiny_llama, calib):
     assert type(err.value) is DataError and "\n" not in str(err.value)
 
 
-def test_stage_perplexity_is_the_reloaded_artifacts(pools, tmp_path):
+def test_stage_perplexity_is_the_reloaded_artifacts(pools, tmp_path, make_llama):
     """The compress → eval stages measure the artifact as saved: reloading it afterwards gives
     the reported perplexity bit for bit (what is registered is what was measured)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from presso.orchestrator.config import load_config
     from presso.orchestrator.data import ByteTokenizer, build_corpus, load_works, split_works
     from presso.orchestrator.evaluate import perplexity
@@ -131,16 +129,7 @@ def test_stage_perplexity_is_the_reloaded_artifacts(pools, tmp_path):
     corpus.mkdir()
     for i, name in enumerate(("alpha", "beta", "gamma", "delta")):
         (corpus / f"{name}_gut.txt").write_text(f"{name} {i}: to be or not to be. " * 60)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    make_llama(vocab_size=256, tied=False).save_pretrained(tmp_path / "model")
     ByteTokenizer().save_pretrained(tmp_path / "model")
     cfg = load_config(
         None,

@@ -40,21 +40,6 @@ def test_bad_budgets_name_their_key(overrides, match):
         load_config(JOB, overrides)
 
 
-def _tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize(
     ("budget", "match"),
     [
@@ -62,19 +47,19 @@ def _tiny():
         ("compress.budget.avg_bits=0.5", r"compress\.budget\.avg_bits: 0\.5 is below the fewest"),
     ],
 )
-def test_infeasible_budget_is_refused_before_any_work(budget, match):
+def test_infeasible_budget_is_refused_before_any_work(budget, match, make_llama):
     """The smallest artifact (every layer at its cheapest setting, the embeddings and
     lm_head as they are: ~50 kB here) follows from shapes: no data, no workers needed."""
     cfg = load_config(JOB, ["compress.budget.bytes=null", budget])
     with pytest.raises(ConfigError, match=match):
-        check_budget(cfg, _tiny(), None)
-    check_budget(load_config(JOB, ["compress.budget.bytes=200kB"]), _tiny(), None)
+        check_budget(cfg, make_llama(tied=False), None)
+    check_budget(load_config(JOB, ["compress.budget.bytes=200kB"]), make_llama(tied=False), None)
 
 
-def test_heat_map_grid_is_blocks_by_layer_kind():
+def test_heat_map_grid_is_blocks_by_layer_kind(make_llama):
     """The logged heat map: one row per decoder block, one column per layer kind, the
     stored bits per weight of each layer's choice (W4 per-row here: 4 bits plus scales)."""
-    model = _tiny()
+    model = make_llama(tied=False)
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 96, (2, 16), generator=gen) for _ in range(2)]
     grid = CandidateGrid(

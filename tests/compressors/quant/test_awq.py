@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from presso.compressors.ptq import (
     Recipe,
@@ -17,19 +16,9 @@ from presso.compressors.ptq import (
 from presso.compressors.quant.awq import AWQ
 
 
-def _llama(kv_heads: int) -> LlamaForCausalLM:
-    """A tiny Llama whose activations have a few loud channels, as trained LLMs do (AWQ's
+def _loud(model):
+    """The tiny Llama with a few loud activation channels, as trained LLMs have (AWQ's
     premise); random init alone gives flat activations where scaling has nothing to gain."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-    )
-    model = LlamaForCausalLM(config).eval()
     loud = torch.ones(64)
     loud[torch.randperm(64)[:4]] = 20.0
     with torch.no_grad():
@@ -45,12 +34,12 @@ def _calib():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_scaling_is_an_exact_fold(kv_heads):
+def test_scaling_is_an_exact_fold(kv_heads, make_llama):
     """Before any rounding, scaling weights up and folding the inverse into the preceding norm or
     linear must leave the block computing the same function; otherwise AWQ would trade
     quantization error for a systematic one. With grouped KV heads the v → o fold is skipped."""
     torch.set_num_threads(1)
-    model = _llama(kv_heads)
+    model = _loud(make_llama(kv_heads=kv_heads, tied=False))
     awq = AWQ(bits=3, group_size=32, clip=False)
     (prefix, block, linears), _ = validate_model(model, Recipe([awq], awq), ())
     inputs = capture_block_inputs(model, _calib())
@@ -74,11 +63,11 @@ def _logit_error(model, recipe, calib, test):
         return float(((m(test).logits - ref) ** 2).mean())
 
 
-def test_awq_lowers_the_quantized_error():
+def test_awq_lowers_the_quantized_error(make_llama):
     """With loud activation channels, AWQ (scales + clipping, then RTN) must beat plain RTN on
     the same grid: the reason to run it at all."""
     torch.set_num_threads(1)
-    model = _llama(4)
+    model = _loud(make_llama(kv_heads=4, tied=False))
     calib, test = _calib(), torch.randint(0, 96, (2, 24))
     grid = {"bits": 3, "group_size": 32}
     rtn = _logit_error(model, [{"rtn": grid}], calib, test)
