@@ -354,19 +354,24 @@ class Planner:
         base_ppl: float,
         max_increase_pct: float,
         steps: int = 6,
+        first: float | None = None,
     ) -> tuple[BudgetPlan, list[dict]]:
         """The smallest plan found whose perplexity (``ppl_of``, measured by the caller on
         held-out data) is within ``max_increase_pct`` of ``base_ppl``, and the search history.
 
         Bisection on a log scale of the error budget, between the smallest plan's error and
-        ``1e-6`` of it (or the least error the candidates allow, if larger).
+        ``1e-6`` of it (or the least error the candidates allow, if larger). ``first``: an error
+        budget to try first instead of the midpoint; loss-weighted errors estimate the rise of
+        the mean loss, so ``ln(1 + max_increase_pct / 100)`` is a good guess for them.
         """
         target = base_ppl * (1 + max_increase_pct / 100)
         bad = self.smallest().total_error  # more error than this buys no fewer bytes
         ok = max(sum(min(e) for e in self.errors), bad * 1e-6)
         best, history, measured = None, [], {}
-        for _ in range(steps):
+        for step in range(steps):
             budget = math.sqrt(ok * bad) if ok > 0 else bad / 1e3
+            if step == 0 and first is not None and ok < first < bad:
+                budget = first
             plan = self.for_error(budget)
             key = tuple(o.candidate for o in plan.chosen)
             if key not in measured:  # nearby budgets often give the very same plan

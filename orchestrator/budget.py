@@ -20,6 +20,7 @@ The plan is printed as a table and logged to the stage's MLflow run (``budget_pl
 from __future__ import annotations
 
 import json
+import math
 
 from presso import ConfigError, IntegrityError, UnsupportedError
 from presso.compressors.budget import (
@@ -145,7 +146,12 @@ def _search(cfg, plan, planner: Planner, progress):
         latest[:] = [candidate, result]
         return value
 
-    chosen, history = planner.search_ppl(ppl_of, base, b.max_ppl_increase_pct, b.search_steps)
+    first = None
+    if cfg.compress.candidates.error == "loss":  # errors estimate the rise of the mean loss
+        first = math.log1p(b.max_ppl_increase_pct / 100)
+    chosen, history = planner.search_ppl(
+        ppl_of, base, b.max_ppl_increase_pct, b.search_steps, first
+    )
     target = base * (1 + b.max_ppl_increase_pct / 100)
     search = {"base_ppl": base, "target_ppl": target, "steps": history}
     return chosen, latest[1] if latest[0] is chosen else None, search

@@ -215,6 +215,11 @@ def test_error_budget_search_keeps_the_smallest_plan_within_the_target(planned):
     assert best.artifact_bytes == min(passing)
     with pytest.raises(UnsupportedError, match="no plan tried"):
         planner.search_ppl(lambda plan: 2 * base, base, 5.0, steps=3)
+    guess = top / 7
+    _, history = planner.search_ppl(ppl_of, base, 5.0, steps=3, first=guess)
+    assert history[0]["max_error"] == guess  # a first guess inside the range is tried first
+    _, history = planner.search_ppl(ppl_of, base, 5.0, steps=3, first=top * 2)
+    assert history[0]["max_error"] < top  # one outside it is not
 
 
 def test_plan_table_lists_every_layer_and_the_totals(planned):
