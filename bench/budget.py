@@ -5,7 +5,8 @@
 Three budgets are the real artifact sizes of uniform GPTQ W4 g64, GPTQ W3 g64 and SparseGPT
 2:4 + W4 g64 (SmolLM2's width 576 is not a multiple of 128, so g64). For each, the planner
 (:mod:`presso.compressors.budget`) chooses per-layer bits, group sizes, sparsity, rank or dense
-from one calibration pass, and the plan is solved with GPTQ / SparseGPT / output-optimal low
+from one calibration pass (each layer's output errors weighted by the loss's sensitivity to them,
+from one backward pass), and the plan is solved with GPTQ / SparseGPT / output-optimal low
 rank, sequentially block by block like the uniform recipes. More budgets (``SWEEP``) and uniform
 RTN points complete the perplexity-vs-size picture (``bench/results/budget_pareto.png``).
 
