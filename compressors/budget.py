@@ -261,10 +261,15 @@ class BudgetPlan:
         choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
         return PlanSolver(choices, damp)
 
-    def describe(self) -> str:
-        """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting."""
-        counts = Counter(o.candidate.label for o in self.chosen)
-        return ", ".join(f"{n}× {label}" for label, n in counts.most_common())
+    def describe(self, top: int | None = None) -> str:
+        """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting (the ``top``
+        most common, if given, then how many layers got the others)."""
+        counts = Counter(o.candidate.label for o in self.chosen).most_common()
+        text = ", ".join(f"{n}× {label}" for label, n in counts[:top])
+        if top is not None and len(counts) > top:
+            rest = counts[top:]
+            text += f", {sum(n for _, n in rest)}× in {len(rest)} other settings"
+        return text
 
     def rows(self) -> list[dict]:
         return [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 from presso import ConfigError, IntegrityError, UnsupportedError
 from presso.compressors.budget import (
@@ -88,7 +89,9 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
     sensitivity = None
     if c.candidates.error == "loss":
         print("presso: weighing each layer's outputs by the loss (one backward pass)", flush=True)
+        tick = time.perf_counter()
         sensitivity = output_sensitivity(plan.model, plan.calibration, c.ignore)
+        print(f"presso: loss weights in {time.perf_counter() - tick:.0f} s", flush=True)
     print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
     measured = run_compression(
         plan.model,

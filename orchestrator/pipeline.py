@@ -295,7 +295,9 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
     run.text(json.dumps([vars(r) for r in result.layers], indent=1), "layers.json")
     run.finish()
     summary.update(
-        method=describe(plan.recipe) if chosen is None else f"budget plan: {chosen.describe()}",
+        method=describe(plan.recipe)
+        if chosen is None
+        else f"budget plan: {chosen.describe(top=3)}",
         artifact=str(info.path),
         artifact_bytes=info.artifact_bytes,
         avg_bits=info.avg_bits,

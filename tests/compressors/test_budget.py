@@ -229,6 +229,10 @@ def test_plan_table_lists_every_layer_and_the_totals(planned):
     assert len(lines) == len(plan.names) + 2
     assert lines[-1].startswith("total") and f"{plan.artifact_bytes:,}" in lines[-1]
     assert json.loads(json.dumps(plan.rows()))[0]["layer"] == plan.names[0]
+    settings = len({o.candidate for o in plan.chosen})
+    assert plan.describe().count("×") == settings > 1
+    short = plan.describe(top=1)
+    assert short.count("×") == 2 and short.endswith(f"in {settings - 1} other settings")
 
 
 def test_output_sensitivity_is_each_outputs_mean_squared_loss_gradient(tiny_llama):
