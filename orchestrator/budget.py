@@ -37,8 +37,9 @@ from presso.compressors.ptq import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
 
 
-def measuring_recipe(cfg) -> Recipe:
-    return Recipe([], MeasureSolver(cfg.compress.candidates))
+def measuring_recipe(cfg, sensitivity: dict | None = None) -> Recipe:
+    """The recipe of the measuring pass (``sensitivity``: the loss weights, once computed)."""
+    return Recipe([], MeasureSolver(cfg.compress.candidates, sensitivity))
 
 
 def check_budget(cfg, model, tokenizer) -> None:
@@ -95,7 +96,7 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
     print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
     measured = run_compression(
         plan.model,
-        Recipe([], MeasureSolver(c.candidates, sensitivity)),
+        measuring_recipe(cfg, sensitivity),
         c.workers,
         c.ignore,
         progress,
