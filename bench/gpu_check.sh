@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's one GPU check: the `gpu` kernel tests, then bench/kernels.py. Everything it writes goes
+# Issue 5's one GPU check: the `gpu` kernel tests, then bench/kernel_speed.py. Everything it writes goes
 # to $OUT (default bench/results): env.txt, gpu_tests.log, gpu_tests.xml, bench.log, kernels.json.
 # About 4-6 minutes on an H100 in full, most of it Triton compiling and autotuning.
 #
@@ -40,7 +40,7 @@ cat "$OUT/env.txt"
 
 # The benchmark first: on a short lease its numbers matter most. BENCH_ARGS trims it (e.g.
 # "--skip-ct-layout --skip-crossover --reps 100"); GPU_TESTS adds test files beyond the kernels'.
-timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} \
+timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernel_speed.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 

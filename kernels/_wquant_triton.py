@@ -35,7 +35,7 @@ INTERPRETED = interpreting()  # the mode these kernels were built in (see dispat
 # The GEMV kernel takes batches up to 8, but its cost grows with the batch (one FMA per row per
 # code) while the tl.dot kernel's does not: compiled for sm_90 it issues ~4.8 / 6.5 / 10.4 / 21.7
 # instructions per int4 code at batch 1 / 2 / 4 / 8 against ~10 for the GEMM, so GEMV stops at 4.
-# bench/kernels.py times both paths at batch 1, 2, 4 and 8 to check the switch on a GPU.
+# bench/kernel_speed.py times both paths at batch 1, 2, 4 and 8 to check the switch on a GPU.
 GEMV_MAX_M = 4
 # fp32 bits of 2**23, passed as a kernel argument rather than a literal: ptxas then keeps it in
 # one register and gives the LOP3 the per-code mask as its immediate, instead of rebuilding the

@@ -22,8 +22,8 @@ def test_wheel_contains_every_subpackage_and_job(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"presso/__init__.py"}
     for folder in ("orchestrator", "compressors", "kernels", "jobs"):
-        for init in (ROOT / folder).rglob("__init__.py"):
-            expected.add("presso/" + str(init.relative_to(ROOT)))
+        for module in (ROOT / folder).rglob("*.py"):
+            expected.add("presso/" + str(module.relative_to(ROOT)))
     expected |= {f"presso/jobs/{p.name}" for p in (ROOT / "jobs").glob("*.yaml")}
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith(("presso/tests/", "presso/bench/")) for n in names)

@@ -19,7 +19,7 @@ table.
 On a machine without CUDA it runs the kernels' correctness sweep under Triton's interpreter and
 says that timings need a GPU.
 
-    python bench/kernels.py [--peak-gbps 3350] [--reps 200] [--out bench/results/kernels.json]
+    python bench/kernel_speed.py [--peak-gbps 3350] [--reps 200] [--out bench/results/kernels.json]
 """
 
 from __future__ import annotations
