@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import presso
 from presso import IntegrityError, UnsupportedError
 from presso.compressors.integrity import sealed_folder, verify_manifest
-from presso.compressors.registry import FORMATS
+from presso.compressors.registry import stored_format
 
 WEIGHTS = "model.safetensors"
 
@@ -81,8 +81,12 @@ def save_compressed(
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    return ArtifactInfo(dest, size, compressed_weights, compressed_bytes)
+    return ArtifactInfo(dest, folder_bytes(dest), compressed_weights, compressed_bytes)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file in an artifact folder, metadata included."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def _quantization_config(records: dict, layers: dict, modules: dict) -> dict:
@@ -129,7 +133,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Mo
     for name, layer in layers.items():
         prefix = f"{name}."
         own = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
-        record = FORMATS[layer["format"]].from_tensors(own, layer["scheme"])
+        record = stored_format(layer["format"]).from_tensors(own, layer["scheme"])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, record.module(own.get("bias")))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -9,11 +9,26 @@ The orchestrator builds both by name from the config; adding an algorithm touche
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-from presso import ConfigError
+from presso import ConfigError, IntegrityError
 
 ALGORITHMS: dict[str, type] = {}
 FORMATS: dict[str, type] = {}
+
+# The modules whose import registers algorithms and stored formats. Every lookup imports them
+# first, so a fresh process (``presso.load_compressed``, the MLflow pyfunc model) finds every name
+# without depending on what happened to be imported before.
+REGISTERING_MODULES = (
+    "presso.compressors.quant",
+    "presso.compressors.prune",
+    "presso.compressors.lowrank",
+)
+
+
+def _import_registering_modules() -> None:
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str):
@@ -35,9 +50,7 @@ def register_format(cls):
 
 def build(name: str, params: dict, prefix: str = "compress.recipe"):
     """Instantiate algorithm ``name`` with ``params``; unknown names and keys fail with the key."""
-    import presso.compressors.prune
-    import presso.compressors.quant  # noqa: F401  (importing registers the algorithms)
-
+    _import_registering_modules()
     if name not in ALGORITHMS:
         raise ConfigError(f"{prefix}: unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}")
     cls = ALGORITHMS[name]
@@ -52,6 +65,17 @@ def build(name: str, params: dict, prefix: str = "compress.recipe"):
     if hasattr(algo, "validate"):
         algo.validate(f"{prefix}.{name}")
     return algo
+
+
+def stored_format(name: str) -> type:
+    """The record class that reads layers stored as ``name`` from an artifact."""
+    _import_registering_modules()
+    if name not in FORMATS:
+        raise IntegrityError(
+            f"unknown stored format {name!r}; known: {sorted(FORMATS)} — the artifact was written "
+            "by another presso version: load it with that version or compress the model again"
+        )
+    return FORMATS[name]
 
 
 def _fits(value, type_name: str) -> bool:
