@@ -27,10 +27,15 @@ RUN pip install --index-url "$TORCH_INDEX" "$TORCH" \
     && pip freeze | grep -i '^torch==' > /etc/pip-constraints.txt
 ENV PIP_CONSTRAINT=/etc/pip-constraints.txt
 
-# The job files stay under WORKDIR: RayJob entrypoints say `presso run jobs/<job>.yaml`.
+# Exactly the versions the test suite passed with (requirements.lock, sha256-checked), then
+# presso itself without resolving anything again.
 WORKDIR /app
+COPY requirements.lock .
+RUN pip install --no-deps --require-hashes -r requirements.lock
+# The job files stay under WORKDIR: RayJob entrypoints say `presso run jobs/<job>.yaml`. The
+# code folders copied here cannot shadow installed packages (they have no __init__.py).
 COPY . .
-RUN pip install . \
+RUN pip install --no-deps --no-build-isolation . && pip check \
     && python -c "from presso.orchestrator.data import SHAKESPEARE; \
 from presso.orchestrator.fetch import fetch; fetch(SHAKESPEARE)"
 
