@@ -33,6 +33,10 @@ class UnsupportedError(PressoError):
     """A layer, shape or setting that an algorithm cannot handle."""
 
 
+class StageError(PressoError):
+    """A stage failed while running (workers crashed past their restarts); says what was kept."""
+
+
 def load_compressed(path, device="cpu"):
     """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.artifact``)."""
     from presso.compressors.artifact import load_compressed as _load
@@ -45,6 +49,7 @@ __all__ = [
     "DataError",
     "IntegrityError",
     "PressoError",
+    "StageError",
     "UnsupportedError",
     "__version__",
     "load_compressed",

@@ -7,6 +7,7 @@ submitted to a Ray cluster, and a KubeRay RayJob all go through here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,9 @@ def quiet_environment() -> None:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else worker lines print twice
+    # MLflow: no "Creating initial database tables" or artifact progress bars.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
 
 
@@ -49,6 +53,12 @@ def ensure_ray(cfg: PressoConfig) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
+        # A local Ray of presso's own: token auth on (Ray's default) without the warning that
+        # says so; no spot-instance preemption to watch for (its watcher logs an error on start).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             num_cpus=cfg.ray.num_cpus or os.cpu_count(),
             include_dashboard=True,  # Ray Train's state API needs it
@@ -193,7 +203,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     tracking = Tracking(cfg)
     parent = tracking.start()
     summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
-    ok = False
+    error = None
     try:
         ensure_ray(cfg)
         if "train" in plan.stages:
@@ -201,10 +211,12 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
             plan.model = load_pretrained(folder)[0]
         if "compress" in plan.stages or "eval" in plan.stages:
             _compress_and_eval(cfg, plan, tracking, summary)
-        ok = True
+    except BaseException as e:
+        error = e
+        raise
     finally:
         tracking.summary(summary)
-        parent.finish(ok)
+        tracking.finish(error)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -308,13 +320,17 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
 
 def _compress_and_eval(cfg, plan: Plan, tracking, summary):
     import presso
+    from presso.compressors.artifact import folder_bytes
     from presso.orchestrator.evaluate import perplexity
     from presso.orchestrator.models import is_artifact, model_bytes
     from presso.orchestrator.tracking import register_model
 
     model, stages = plan.model, plan.stages
     packed_source = plan.source is not None and is_artifact(plan.source)
-    summary["packed_bytes" if packed_source else "dense_bytes"] = model_bytes(model)
+    if packed_source:
+        summary.update(artifact=str(plan.source), artifact_bytes=folder_bytes(plan.source))
+    else:
+        summary["dense_bytes"] = model_bytes(model)
     # The compressed perplexity is measured on the artifact as saved and reloaded, not on the
     # model in memory: what is registered is exactly what was measured.
     artifact = _compress(cfg, plan, tracking, summary) if "compress" in stages else None
@@ -329,7 +345,13 @@ def _compress_and_eval(cfg, plan: Plan, tracking, summary):
             f"eval/{kind}_ppl": first.perplexity,
             f"eval/{kind}_tokens_per_s": first.tokens_per_s,
         }
-        summary.update({f"{kind}_ppl": first.perplexity, "eval_tokens": first.tokens})
+        summary.update(
+            {
+                f"{kind}_ppl": first.perplexity,
+                f"{kind}_tokens_per_s": first.tokens_per_s,
+                "eval_tokens": first.tokens,
+            }
+        )
         if artifact is not None:
             packed = presso.load_compressed(artifact)
             comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
@@ -339,7 +361,9 @@ def _compress_and_eval(cfg, plan: Plan, tracking, summary):
                     "eval/compressed_tokens_per_s": comp.tokens_per_s,
                 }
             )
-            summary.update(compressed_ppl=comp.perplexity)
+            summary.update(
+                compressed_ppl=comp.perplexity, compressed_tokens_per_s=comp.tokens_per_s
+            )
         run.metrics(values, 0)
         run.finish()
     if artifact is not None and cfg.tracking.register:

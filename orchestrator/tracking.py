@@ -22,6 +22,8 @@ from presso.orchestrator.registry import Registered
 from presso.orchestrator.spool import new_local_id
 
 _PARAM_LIMIT = 6000  # MLflow's longest param value
+_TAG_LIMIT = 5000  # well inside MLflow's longest tag value
+ERROR_TAG = "presso.error"
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
 
 
@@ -49,6 +51,7 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str, spool: str | Path | None = None) -> None:
         self.link, self.run_id = Link(uri, spool), run_id
+        self.finished = False
 
     @property
     def uri(self) -> str:
@@ -83,6 +86,12 @@ class RunLogger:
 
     def finish(self, ok: bool = True) -> None:
         self.send("end", status="FINISHED" if ok else "FAILED", end_time=_now_ms())
+        self.finished = True
+
+    def fail(self, error: BaseException) -> None:
+        """End the run FAILED, with the error as the tag ``presso.error``."""
+        self.tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:_TAG_LIMIT]})
+        self.finish(ok=False)
 
 
 class _PipelineRun(RunLogger):
@@ -142,6 +151,7 @@ class Tracking:
         name = cfg.tracking.experiment or cfg.run.name
         self.experiment_id = self._create("experiment", name=name, artifact_location=location)
         self.parent: RunLogger | None = None
+        self.stages: list[RunLogger] = []
 
     def _create(self, kind: str, **fields) -> str:
         """The id of a new experiment or run: MLflow's, or a local one while it is away."""
@@ -163,7 +173,20 @@ class Tracking:
 
     def stage(self, name: str) -> RunLogger:
         """A nested run for one stage of the pipeline."""
-        return self._run(name, {"mlflow.parentRunId": self.parent.run_id, "presso.stage": name})
+        run = self._run(name, {"mlflow.parentRunId": self.parent.run_id, "presso.stage": name})
+        self.stages.append(run)
+        return run
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """End the pipeline: on an error, every stage run still open and the parent end FAILED
+        with the error as a tag, so no run of a failed pipeline stays RUNNING."""
+        if error is None:
+            self.parent.finish()
+            return
+        for run in self.stages:
+            if not run.finished:
+                run.fail(error)
+        self.parent.fail(error)
 
     def summary(self, summary: dict) -> None:
         self.parent.text(json.dumps(summary, indent=1, default=str), "summary.json")

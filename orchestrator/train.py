@@ -10,6 +10,8 @@ from the latest complete one.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import math
 import os
 import resource
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from presso import PressoError, StageError
 from presso.orchestrator import checkpoint
 from presso.orchestrator.config import PressoConfig, TrainConfig, to_dict
 from presso.orchestrator.data import train_batch, windows
@@ -114,11 +117,22 @@ def _step_metrics(loss: float, lr: float, seconds: float, tokens: int, comm: dic
     return {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tokens / seconds, **comm}
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every ``ray.train.report`` call, metrics and all, at INFO; presso prints its
+    own progress lines. Ray names that logger by its file's path, so the usual logger names and
+    ``LoggingConfig(log_level=...)`` do not reach it."""
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """The loop each Ray Train worker runs."""
     import ray
     import ray.train
     import ray.train.torch
+
+    _quiet_ray_train_reports()
 
     cfg: PressoConfig = OmegaConf.to_object(OmegaConf.merge(PressoConfig, config["cfg"]))
     t = cfg.train
@@ -224,9 +238,30 @@ def run_training(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _training_failure(e, t, storage / name) from None
     dest = out / "trained"
     with result.checkpoint.as_directory() as d:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(checkpoint.final_model(Path(d)), dest)
     return dest
+
+
+def _training_failure(error: Exception, t: TrainConfig, checkpoints: Path) -> PressoError:
+    """The user's own error if a worker raised one (a bad checkpoint, say), else a one-line
+    account of the crash that says what was kept and how to go on."""
+    failures = getattr(error, "worker_failures", None) or {}
+    causes = [getattr(e, "cause", None) or e for _, e in sorted(failures.items())]
+    for cause in causes:
+        if isinstance(cause, PressoError):
+            return cause
+    cause = causes[0] if causes else error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    what = f"{type(cause).__name__}: {lines[0][:200] if lines else ''}"
+    return StageError(
+        f"train: the workers failed after {t.max_failures} restart(s) ({what}); checkpoints "
+        f"so far are kept under {checkpoints}: resume with train.resume_from=<checkpoint "
+        "folder>, or allow more restarts with train.max_failures"
+    )
