@@ -22,14 +22,27 @@ def print_summary(s: dict, console: Console | None = None) -> None:
             f"{_num(s.get('train_loss'))}, val loss {_num(s.get('val_loss_start'))} → "
             f"{_num(s.get('val_loss'))}"
         )
-    if "dense_ppl" in s or "artifact_bytes" in s:
-        table = Table(title="test split", title_justify="left")
+    columns = [("dense", "dense")] if "dense_ppl" in s or "dense_bytes" in s else []
+    if "compressed_ppl" in s or "artifact_bytes" in s:
+        columns.append((s.get("method", "compressed"), "compressed"))
+    if columns:
+        tokens = f" ({s['eval_tokens']:,} tokens)" if "eval_tokens" in s else ""
+        table = Table(title=f"test split{tokens}", title_justify="left")
         table.add_column("")
-        table.add_column("dense", justify="right")
-        table.add_column(s.get("method", "compressed"), justify="right")
-        table.add_row("perplexity", _num(s.get("dense_ppl")), _num(s.get("compressed_ppl")))
-        table.add_row("bytes", _mb(s.get("dense_bytes")), _mb(s.get("artifact_bytes")))
-        table.add_row("bits / weight (compressed layers)", "32", _num(s.get("avg_bits"), ".3f"))
+        for title, _ in columns:
+            table.add_column(title, justify="right")
+        size = {"dense": s.get("dense_bytes"), "compressed": s.get("artifact_bytes")}
+        bits = {"dense": 32.0, "compressed": s.get("avg_bits")}
+        rows = {
+            "perplexity": lambda k: _num(s.get(f"{k}_ppl")),
+            "bytes": lambda k: _mb(size[k]),
+            "bits / weight (compressed layers)": lambda k: _num(
+                bits[k], ".3g" if k == "dense" else ".3f"
+            ),
+            "tokens / s": lambda k: _num(s.get(f"{k}_tokens_per_s"), ",.0f"),
+        }
+        for label, cell in rows.items():
+            table.add_row(label, *(cell(kind) for _, kind in columns))
         console.print(table)
     if "artifact" in s:
         console.print(f"artifact: {s['artifact']}")

@@ -2,6 +2,8 @@
 
 import copy
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,3 +157,52 @@ def test_recipe_composition_rules():
         Recipe.parse([])
     with pytest.raises(ConfigError, match=r"compress\.recipe\[0\]\.gptq\.bits"):
         Recipe.parse([{"gptq": {"bits": 9}}])
+
+
+# One recipe per stored format; the test below checks that this covers every registered format.
+FORMAT_RECIPES = {
+    "pack-quantized": RECIPES["rtn"],
+    "presso-pack-quantized-ic": RECIPES["adadim"],
+    "presso-spqr": RECIPES["spqr"],
+    "sparse-bitmask": RECIPES["magnitude"],
+    "sparse-24-bitmask": RECIPES["wanda-2:4"],
+    "presso-sparse-quantized": RECIPES["sparsegpt-w4"],
+    "presso-sparse24-quantized": RECIPES["sparsegpt-2:4-w4"],
+    "presso-lowrank": [{"lowrank": {"rank": 8}}],
+}
+
+FRESH_LOAD = """
+import sys, torch, presso
+torch.set_num_threads(1)
+ids = torch.load(sys.argv[1])
+with torch.no_grad():
+    out = {p: presso.load_compressed(p)(ids).logits for p in sys.argv[2:]}
+torch.save(out, sys.argv[1] + ".logits")
+"""
+
+
+def test_every_format_loads_in_a_fresh_interpreter(make_llama, calib, tmp_path):
+    """A user's process (or the MLflow pyfunc) imports nothing but ``presso`` before loading:
+    each stored format must be found without an earlier import of the module defining it."""
+    from presso.compressors.registry import FORMATS, stored_format
+
+    ids = torch.randint(0, 96, (2, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    expected, written = {}, set()
+    for fmt, recipe in FORMAT_RECIPES.items():
+        model = make_llama()
+        records = compress_model(model, recipe, calib)
+        written |= {r.format for r in records.values()}
+        assert fmt in written
+        save_compressed(model, records, tmp_path / fmt)
+        with torch.no_grad():  # what the same artifact gives in this (warm) process
+            expected[str(tmp_path / fmt)] = presso.load_compressed(tmp_path / fmt)(ids).logits
+    subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, str(tmp_path / "ids.pt"), *expected],
+        cwd=tmp_path, check=True, timeout=300,
+    )  # fmt: skip
+    stored_format("pack-quantized")  # fills the registry, as any lookup does
+    assert written == set(FORMATS)
+    loaded = torch.load(tmp_path / "ids.pt.logits")
+    for path, logits in expected.items():
+        assert torch.equal(loaded[path], logits), path

@@ -61,6 +61,54 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
     version = client.get_model_version_by_alias("cli-test-compressed", "candidate")
     assert version.run_id == stages["register"].info.run_id
 
+    # The registered model loads in a fresh interpreter that imported nothing of presso's.
+    serve = (
+        "import mlflow; m = mlflow.pyfunc.load_model('models:/cli-test-compressed@champion'); "
+        "print(len(m.predict([[72, 101, 108]])[0]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", serve], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 1  # one logit per token of the vocabulary
+
+    # `presso eval` on the packed artifact prints what it measured.
+    artifact = tmp_path / "cli-test" / "compressed"
+    proc = subprocess.run(
+        [PRESSO, "eval", "jobs/quickstart.yaml", *TINY[-2:], f"model.source={artifact}",
+         "run.name=cli-eval", f"run.output_dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    assert "perplexity" in table and "tokens / s" in table and "MB" in table, table
+    ppl = client.get_run(stages["eval"].info.run_id).data.metrics["eval/compressed_ppl"]
+    assert f"{ppl:.4f}" in table  # the same artifact, the same windows: the same perplexity
+
+
+@pytest.mark.integration
+def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, tmp_path):
+    """A worker that crashes past its restarts must end the CLI with one line, and leave no
+    MLflow run RUNNING: the parent and the stage runs end FAILED, the error as a tag."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PRESSO_INJECT_FAULT": "0:2"}
+    env.pop("RAY_ADDRESS", None)
+    args = [*TINY, "train.max_failures=0", "run.name=cli-fail", f"run.output_dir={tmp_path}"]
+    proc = subprocess.run(
+        [PRESSO, "run", "jobs/quickstart.yaml", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Ray's own account of the crash (forwarded worker logs) may come before and after it.
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("presso: error")]
+    assert error.startswith("presso: error: train: the workers failed after 0 restart(s)"), error
+    assert "ActorDiedError" in error and "train.resume_from" in error
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cli-fail").experiment_id])
+    assert {r.data.tags.get("presso.stage", "parent") for r in runs} == {"parent", "train"}
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all("the workers failed" in r.data.tags["presso.error"] for r in runs)
+
 
 def test_config_error_is_one_line_and_starts_nothing():
     """A typo must cost the user a second, not a Ray start: RAY_ADDRESS points nowhere here."""
