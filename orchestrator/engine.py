@@ -48,8 +48,8 @@ class DDPEngine:
         self.model = model
         ids = [device.index] if device.type == "cuda" else None
         # Llama's buffers (rotary frequencies) are constants: broadcasting them every forward
-        # would be traffic no accounting sees.
-        self.ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # would be traffic no accounting sees (they are synced once, at init).
+        self.ddp = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         self.skipped = 0
         self.optimizer = build_optimizer(cfg.optimizer, model)
         gc = cfg.grad_compression

@@ -2,7 +2,7 @@
 
 The model version holds the packed artifact itself (small), not a pickle of the model, and loads
 it with ``presso.load_compressed`` — checksums verified — wherever it is served.
-``predict`` takes token ids (a list of lists, or a DataFrame with an ``input_ids`` column) and
+``predict`` takes token ids (a list of lists; its type hints are the model's signature) and
 returns the next-token logits of each sequence.
 """
 
@@ -16,10 +16,9 @@ class PackedModel(mlflow.pyfunc.PythonModel):
 
         self.model = presso.load_compressed(context.artifacts["packed"])
 
-    def predict(self, context, model_input, params=None):
-        rows = model_input["input_ids"] if hasattr(model_input, "columns") else model_input
+    def predict(self, context, model_input: list[list[int]], params=None) -> list[list[float]]:
         with torch.no_grad():
-            return [self.model(torch.tensor([list(ids)])).logits[0, -1].tolist() for ids in rows]
+            return [self.model(torch.tensor([ids])).logits[0, -1].tolist() for ids in model_input]
 
 
 mlflow.models.set_model(PackedModel())
