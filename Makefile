@@ -8,7 +8,14 @@
 # drift in our dependencies is found on purpose, not by a new user.
 
 PYTHON ?= python3
+# Ray (2.60) starts each worker with `bash -c "exec <python> ..."`, the interpreter's path
+# unquoted, so no Ray worker starts from a venv whose path holds a space. A checkout in such a
+# path keeps its venv under ~/.cache/presso/venvs/ and .venv links there.
+ifeq ($(word 2,$(CURDIR)),)
 VENV ?= .venv
+else
+VENV ?= $(HOME)/.cache/presso/venvs/$(shell printf '%s' "$(CURDIR)" | sha256sum | cut -c1-16)
+endif
 BIN := $(VENV)/bin
 # The CPU build of torch; on a GPU machine use e.g. `make setup TORCH=torch==2.13.0` with a CUDA
 # index. torch stays out of the lock (its build differs per machine) and is installed first, so
@@ -22,6 +29,7 @@ PYTEST_ARGS ?=
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	test "$(VENV)" = .venv || ln -sfn "$(VENV)" .venv
 
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(BIN)/python
 	$(BIN)/python $(PIP) install "$(TORCH)"
@@ -31,7 +39,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
-	@echo "presso is installed in $(VENV): run .venv/bin/presso --help (or: source $(BIN)/activate)"
+	@echo "presso is installed in .venv: run .venv/bin/presso --help (or: source .venv/bin/activate)"
 
 demo: setup
 	$(BIN)/presso run jobs/quickstart.yaml
@@ -52,14 +60,15 @@ lock:
 		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
 
 # The newest versions pyproject.toml allows (torch held at $(TORCH)), then the whole suite.
+LATEST := $(VENV)-latest
 test-latest:
-	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	echo "$(TORCH)" > .venv-latest/torch-pin.txt
-	.venv-latest/bin/python $(PIP) install "$(TORCH)"
-	.venv-latest/bin/python $(PIP) install --constraint .venv-latest/torch-pin.txt -e ".[dev]"
-	.venv-latest/bin/python $(PIP) check
-	.venv-latest/bin/python .ci/lock_drift.py $(LOCK)
-	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+	rm -rf "$(LATEST)" && $(PYTHON) -m venv "$(LATEST)"
+	echo "$(TORCH)" > "$(LATEST)/torch-pin.txt"
+	$(LATEST)/bin/python $(PIP) install "$(TORCH)"
+	$(LATEST)/bin/python $(PIP) install --constraint "$(LATEST)/torch-pin.txt" -e ".[dev]"
+	$(LATEST)/bin/python $(PIP) check
+	$(LATEST)/bin/python .ci/lock_drift.py $(LOCK)
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The quick variants (minutes each); drop --quick for the full tables in bench/results/.
 # Peer rows need `pip install -e '.[peers]'` (llm-compressor, galore-torch; it pins transformers 5.17).

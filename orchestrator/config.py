@@ -159,18 +159,67 @@ def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{key}: {msg}" if key else msg)
 
 
+# A job spec is a page of YAML: bound what a wrong file (a log, a data dump) can cost to read.
+MAX_JOB_BYTES = 1 << 20
+MAX_JOB_DEPTH = 32
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where installed
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such job file")
+    size = path.stat().st_size
+    if size > MAX_JOB_BYTES:
+        raise ConfigError(
+            f"{path}: {size:,} bytes, but a job file is at most {MAX_JOB_BYTES:,}; is it the "
+            "right file?"
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; is it the right file?") from None
+    loader = _YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _check_nodes(node, path)
+        data = loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run, data, ...), got {data!r}")
     return data
+
+
+def _check_nodes(root: yaml.Node, path: Path) -> None:
+    """Refuse nesting deeper than ``MAX_JOB_DEPTH`` and keys given twice in one mapping (YAML
+    would silently keep the second: a repeated ``train:`` block resets what the first set)."""
+    stack = [(root, "", 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JOB_DEPTH:
+            raise ConfigError(
+                f"{path}: nested deeper than {MAX_JOB_DEPTH} levels (line {node.start_mark.line + 1})"
+            )
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, value in node.value:
+                name = f"{where}.{key.value}" if where else str(key.value)
+                line = key.start_mark.line + 1
+                if name in lines:
+                    raise ConfigError(
+                        f"{path}: key {name} is given twice (lines {lines[name]} and {line}); "
+                        "keep one"
+                    )
+                lines[name] = line
+                stack.append((value, name, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(node.value))
 
 
 def _parse_override(item: str):

