@@ -49,16 +49,31 @@ def log_and_register(
 
     import presso.orchestrator.mlflow_model as model_code
 
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=model_code.__file__,
             artifacts={"packed": str(artifact)},
-            registered_model_name=name,
             pip_requirements=[f"presso=={presso.__version__}"],
         )
-    version = str(info.registered_model_version)
+    # Registered through the client rather than log_model(registered_model_name=...), which
+    # prints its own lines to stderr; presso's summary says what was registered.
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in {
+            ErrorCode.Name(RESOURCE_ALREADY_EXISTS),
+            ErrorCode.Name(ALREADY_EXISTS),
+        }:
+            raise
+    created = client.create_model_version(
+        name, info.model_uri, run_id=run_id, model_id=info.model_id
+    )
+    version = str(created.version)
     return Registered(version, apply_alias_policy(client, name, version, ppl))
 
 
