@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -209,7 +210,9 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Ray Train's run name must be ASCII (it crashes on others); run.name itself may be any text.
+    ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.run.name).strip("_") or "run"
+    name = f"{ascii_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = out / "ray_train"
     trainer = TorchTrainer(
         train_worker,
