@@ -46,11 +46,10 @@ def log_and_register(
 ) -> Registered:
     """Log ``artifact`` to the run as a pyfunc model, register it under ``name``, set aliases."""
     import mlflow
-
-    import presso.orchestrator.mlflow_model as model_code
-
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    import presso.orchestrator.mlflow_model as model_code
 
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
