@@ -33,6 +33,10 @@ class UnsupportedError(PressoError):
     """A layer, shape or setting that an algorithm cannot handle."""
 
 
+class ClusterError(PressoError):
+    """The Ray cluster does not answer, or cannot offer the resources a stage asks for."""
+
+
 class StageError(PressoError):
     """A stage failed while running (workers crashed past their restarts); says what was kept."""
 
@@ -45,6 +49,7 @@ def load_compressed(path, device="cpu"):
 
 
 __all__ = [
+    "ClusterError",
     "ConfigError",
     "DataError",
     "IntegrityError",

@@ -67,13 +67,18 @@ def sealed_folder(dest: Path):
         yield tmp
         write_manifest(tmp)
         tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary folder
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_folder(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest``, replacing an older ``dest``; ``dest`` is never half-written."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)

@@ -128,6 +128,10 @@ class TrackingConfig:
 class RayConfig:
     address: str | None = None  # empty means $RAY_ADDRESS, else a local Ray started by presso
     num_cpus: int | None = None  # for a local Ray; defaults to the machine's cores
+    connect_timeout_s: float = 10.0  # how long a cluster at `address` may take to answer
+    # how long to wait for a cluster (an autoscaling one) to offer the CPUs/GPUs a stage asks for;
+    # a local Ray started by presso cannot grow, so it is refused at once
+    resources_timeout_s: float = 60.0
 
 
 @dataclass
@@ -266,6 +270,11 @@ def validate(cfg: PressoConfig) -> None:
     t.grad_compression.validate("train.grad_compression")
     _validate_engine(t)
     _positive("eval", seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    _positive("ray", connect_timeout_s=cfg.ray.connect_timeout_s)
+    if cfg.ray.resources_timeout_s < 0:
+        raise ConfigError(
+            f"ray.resources_timeout_s: must be >= 0, got {cfg.ray.resources_timeout_s}"
+        )
     _positive("compress", workers=c.workers, threads_per_worker=c.threads_per_worker)
     k = c.calibration
     _positive("compress.calibration", samples=k.samples, seq_len=k.seq_len)

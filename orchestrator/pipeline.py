@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from presso import ConfigError
+from presso import ClusterError, ConfigError
 from presso.orchestrator.config import PressoConfig, recipe_algorithms
 
 STAGES = ("train", "compress", "eval")
+# The compress stage writes here; the artifact moves to ``compressed/`` once it has been
+# evaluated, so a folder under that name is always a measured artifact.
+UNVERIFIED = ".compressed.unverified"
 
 
 def quiet_environment() -> None:
@@ -51,6 +56,7 @@ def ensure_ray(cfg: PressoConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_listening(address, cfg.ray.connect_timeout_s)
         ray.init(address=address, logging_level="WARNING")
     else:
         # A local Ray of presso's own: token auth on (Ray's default) without the warning that
@@ -64,6 +70,45 @@ def ensure_ray(cfg: PressoConfig) -> None:
             include_dashboard=True,  # Ray Train's state API needs it
             logging_level="WARNING",
         )
+
+
+def _check_listening(address: str, timeout: float) -> None:
+    """Fail in ``timeout`` seconds, not never, when nothing listens at a ``host:port`` address
+    (Ray itself retries the connection without end)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():  # "auto" and the like: Ray finds the cluster itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}; waited up to {timeout:g} s, "
+            "ray.connect_timeout_s): start one with `ray start --head`, or unset RAY_ADDRESS and "
+            "ray.address to let presso start a local Ray"
+        ) from None
+
+
+def wait_for_resources(cfg: PressoConfig, cpus: float, gpus: float, asked_by: str) -> None:
+    """Wait up to ``ray.resources_timeout_s`` until the cluster holds ``cpus`` and ``gpus`` in
+    all (an autoscaler may add nodes); a local Ray cannot grow, so it is refused at once.
+    Without this check Ray waits forever for resources that will never come."""
+    import ray
+
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    deadline = time.monotonic() + (0 if local else cfg.ray.resources_timeout_s)
+    while True:
+        total = ray.cluster_resources()
+        have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
+        if have_cpus >= cpus and have_gpus >= gpus:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    waited = "" if local else f" after {cfg.ray.resources_timeout_s:g} s (ray.resources_timeout_s)"
+    raise ClusterError(
+        f"{asked_by}: asks for {cpus:g} CPUs and {gpus:g} GPUs, but the Ray cluster has "
+        f"{have_cpus:g} CPUs and {have_gpus:g} GPUs{waited}; ask for less or use a larger cluster"
+    )
 
 
 def progress_bar():
@@ -220,12 +265,12 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
         f"works; tokens train {c.train.numel():,} val {c.val.numel():,} test {c.test.numel():,}",
         flush=True,
     )
+    ensure_ray(cfg)
     tracking = Tracking(cfg)
     parent = tracking.start()
     summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
     error = None
     try:
-        ensure_ray(cfg)
         if "train" in plan.stages:
             folder = _train(cfg, plan, tracking, summary)
             plan.model = load_pretrained(folder)[0]
@@ -233,6 +278,8 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
             _compress_and_eval(cfg, plan, tracking, summary)
     except BaseException as e:
         error = e
+        shutil.rmtree(plan.out / UNVERIFIED, ignore_errors=True)
+        print(f"presso: {_kept(plan, summary)}", file=sys.stderr, flush=True)
         raise
     finally:
         tracking.summary(summary)
@@ -240,6 +287,19 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _kept(plan: Plan, summary: dict) -> str:
+    """What a failed pipeline leaves behind, for the user to go on from."""
+    kept = []
+    if (plan.out / "ray_train").is_dir():
+        kept.append(
+            f"training checkpoints under {plan.out / 'ray_train'} (resume with "
+            "train.resume_from=<checkpoint folder>)"
+        )
+    if summary.get("artifact") == str(plan.out / "compressed"):
+        kept.append(f"the evaluated, unregistered artifact {plan.out / 'compressed'}")
+    return "kept: " + ("; ".join(kept) if kept else "nothing") + "; no unevaluated artifact"
 
 
 def describe(recipe) -> str:
@@ -258,6 +318,14 @@ def _train(cfg, plan: Plan, tracking, summary) -> Path:
     from presso.orchestrator.tracking import plot_curves
     from presso.orchestrator.train import run_training
 
+    t = cfg.train
+    wait_for_resources(
+        cfg,
+        t.workers * t.threads_per_worker,
+        t.workers if t.use_gpu else 0,
+        "train.workers × train.threads_per_worker"
+        + (" (train.use_gpu: one GPU each)" if t.use_gpu else ""),
+    )
     run = tracking.stage("train")
     tick = time.perf_counter()
     folder = run_training(cfg, plan.corpus, plan.vocab_size, plan.source, run, plan.out)
@@ -300,7 +368,7 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
             c.threads_per_worker,
             plan.layers,
         )
-    info = save_compressed(result.model, result.records, plan.out / "compressed", plan.tokenizer)
+    info = save_compressed(result.model, result.records, plan.out / UNVERIFIED, plan.tokenizer)
     if chosen is not None:
         check_artifact(chosen, info.artifact_bytes, c.budget)
     for i, layer in enumerate(result.layers):
@@ -330,7 +398,6 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
         method=describe(plan.recipe)
         if chosen is None
         else f"budget plan: {chosen.describe(top=3)}",
-        artifact=str(info.path),
         artifact_bytes=info.artifact_bytes,
         avg_bits=info.avg_bits,
         compress_s=result.wall_s,
@@ -341,6 +408,7 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
 def _compress_and_eval(cfg, plan: Plan, tracking, summary):
     import presso
     from presso.compressors.artifact import folder_bytes
+    from presso.compressors.integrity import replace_folder
     from presso.orchestrator.evaluate import perplexity
     from presso.orchestrator.models import is_artifact, model_bytes
     from presso.orchestrator.tracking import register_model
@@ -386,6 +454,10 @@ def _compress_and_eval(cfg, plan: Plan, tracking, summary):
             )
         run.metrics(values, 0)
         run.finish()
+    if artifact is not None:
+        replace_folder(artifact, plan.out / "compressed")
+        artifact = plan.out / "compressed"
+        summary["artifact"] = str(artifact)
     if artifact is not None and cfg.tracking.register:
         run = tracking.stage("register")
         name = cfg.tracking.registered_model or f"{cfg.run.name}-compressed"

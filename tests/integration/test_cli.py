@@ -101,13 +101,32 @@ def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, t
     # Ray's own account of the crash (forwarded worker logs) may come before and after it.
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("presso: error")]
     assert error.startswith("presso: error: train: the workers failed after 0 restart(s)"), error
-    assert "ActorDiedError" in error and "train.resume_from" in error
+    assert "train.resume_from" in error  # the cause (ActorDiedError, a failed health check) varies
+    assert "presso: kept: training checkpoints under" in proc.stderr
+    left = {p.name for p in (tmp_path / "cli-fail").iterdir()}
+    assert "ray_train" in left and not {"compressed", ".compressed.unverified"} & left
 
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("cli-fail").experiment_id])
     assert {r.data.tags.get("presso.stage", "parent") for r in runs} == {"parent", "train"}
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("the workers failed" in r.data.tags["presso.error"] for r in runs)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_gpus_the_cluster_does_not_have_are_refused_not_awaited(tmp_path):
+    """Ray Train would wait forever for a GPU that no node has: presso refuses at once."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    args = [*TINY, "train.use_gpu=true", f"run.output_dir={tmp_path}"]
+    proc = subprocess.run(
+        [PRESSO, "run", "jobs/quickstart.yaml", *args],
+        env=env, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("presso: error")]
+    assert "asks for 2 CPUs and 2 GPUs, but the Ray cluster has" in error and "0 GPUs" in error
 
 
 def test_config_error_is_one_line_and_starts_nothing():

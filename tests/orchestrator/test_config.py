@@ -67,3 +67,17 @@ def test_every_shipped_job_validates():
     assert jobs
     for job in jobs:
         load_config(job)
+
+
+def test_job_files_are_bounded_in_size_and_must_be_text(tmp_path):
+    """A wrong file passed as the job (a log, a data dump) costs a second, not gigabytes."""
+    from presso.orchestrator.config import MAX_JOB_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_text("train:\n" + "  # padding\n" * (MAX_JOB_BYTES // 12 + 1))
+    with pytest.raises(ConfigError, match=r"big\.yaml: [\d,]+ bytes, but a job file is at most"):
+        load_config(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(binary)
