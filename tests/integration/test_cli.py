@@ -89,10 +89,12 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
 @pytest.mark.integration
 def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, tmp_path):
     """A worker that crashes past its restarts must end the CLI with one line, and leave no
-    MLflow run RUNNING: the parent and the stage runs end FAILED, the error as a tag."""
+    MLflow run RUNNING: the parent and the stage runs end FAILED, the error as a tag. The run's
+    name and output folder are not ASCII (Ray Train once crashed on such a name)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PRESSO_INJECT_FAULT": "0:2"}
     env.pop("RAY_ADDRESS", None)
-    args = [*TINY, "train.max_failures=0", "run.name=cli-fail", f"run.output_dir={tmp_path}"]
+    out = tmp_path / "sortie ünï"
+    args = [*TINY, "train.max_failures=0", "run.name=cli-fäil-模型", f"run.output_dir={out}"]
     proc = subprocess.run(
         [PRESSO, "run", "jobs/quickstart.yaml", *args],
         env=env, capture_output=True, text=True, timeout=600,
@@ -103,11 +105,11 @@ def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, t
     assert error.startswith("presso: error: train: the workers failed after 0 restart(s)"), error
     assert "train.resume_from" in error  # the cause (ActorDiedError, a failed health check) varies
     assert "presso: kept: training checkpoints under" in proc.stderr
-    left = {p.name for p in (tmp_path / "cli-fail").iterdir()}
+    left = {p.name for p in (out / "cli-fäil-模型").iterdir()}
     assert "ray_train" in left and not {"compressed", ".compressed.unverified"} & left
 
     client = MlflowClient(mlflow_server.uri)
-    runs = client.search_runs([client.get_experiment_by_name("cli-fail").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("cli-fäil-模型").experiment_id])
     assert {r.data.tags.get("presso.stage", "parent") for r in runs} == {"parent", "train"}
     assert {r.info.status for r in runs} == {"FAILED"}
     assert all("the workers failed" in r.data.tags["presso.error"] for r in runs)
