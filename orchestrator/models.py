@@ -81,18 +81,31 @@ def _cached(folder: Path) -> bool:
 
 def _folder_from_gguf(gguf: Path, folder: Path) -> Path:
     """Dequantize ``gguf`` to fp32 and write it, with its tokenizer, as a sealed HF folder."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"presso: dequantizing {gguf.name} to fp32 (once, ~30 s)", flush=True)
+    try:  # the file itself first, so that a damaged file and a broken install are told apart
+        GGUFReader(gguf)
+    except Exception as e:  # the reader raises many kinds of errors on a damaged file
+        raise DataError(
+            f"{gguf}: not a loadable GGUF model: the file is damaged or truncated "
+            f"({type(e).__name__}: {str(e)[:200]}) — download it again"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-    except Exception as e:  # the GGUF reader raises many kinds of errors on a damaged file
+    except ImportError as e:  # the file is fine: the environment is not
         raise DataError(
-            f"{gguf}: not a loadable GGUF model ({type(e).__name__}: {str(e)[:200]}); the file may "
-            "be truncated — download it again"
+            f"{gguf}: the file reads fine, but loading it failed inside an installed package "
+            f"({type(e).__name__}: {str(e)[:200]}); check the installed packages (`make setup` "
+            "installs the tested versions from requirements.lock)"
+        ) from None
+    except Exception as e:
+        raise DataError(
+            f"{gguf}: not a loadable GGUF model ({type(e).__name__}: {str(e)[:200]})"
         ) from None
     # A GGUF-loaded model refuses save_pretrained; rebuild it from its config and weights.
     config = loaded.config

@@ -69,7 +69,10 @@ def files(tmp_path_factory, make_llama):
         nan.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     _save(nan, root / "nan")
     gguf = root / "model.gguf"
-    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(100))
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(100))  # a valid GGUF without a model
+    cut = root / "cut" / "model.gguf"
+    cut.parent.mkdir()
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00" + (5).to_bytes(8, "little") + bytes(4))  # 5 tensors?
     records = {
         n: RTN(bits=4, group_size=32).compress(m.weight, name=n)
         for n, m in model.named_modules()
@@ -91,6 +94,7 @@ def files(tmp_path_factory, make_llama):
         "CORRUPT_MODEL": corrupt,
         "NAN_MODEL": root / "nan",
         "GGUF": gguf,
+        "CUT_GGUF": cut,
         "ARTIFACT": root / "artifact",
         "ARTIFACT_OK": root / "artifact_ok",
         "CKPT": ckpt,
