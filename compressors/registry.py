@@ -19,11 +19,14 @@ FORMATS: dict[str, type] = {}
 # The modules whose import registers algorithms and stored formats. Every lookup imports them
 # first, so a fresh process (``presso.load_compressed``, the MLflow pyfunc model) finds every name
 # without depending on what happened to be imported before.
-REGISTERING_MODULES = (
-    "presso.compressors.quant",
-    "presso.compressors.prune",
-    "presso.compressors.lowrank",
-)
+REGISTERING_MODULES = tuple(
+    f"presso.compressors.{name}"
+    for name in (
+        "quant.rtn", "quant.gptq", "quant.awq", "quant.spqr", "quant.adadim",
+        "prune.magnitude", "prune.wanda", "prune.sparsegpt", "factor.lowrank",
+        "formats.quantized", "formats.sparse", "formats.spqr", "formats.lowrank",
+    )
+)  # fmt: skip
 
 
 def _import_registering_modules() -> None:

@@ -1,6 +1,6 @@
 """The compress stage: calibration and solving spread over a pool of Ray actors.
 
-The steps are those of :mod:`presso.compressors.ptq`; this module only decides where they run.
+The steps are those of :mod:`presso.compressors.ptq.blocks`; this module only decides where they run.
 A recipe that needs no data (RTN, magnitude) solves every layer at once, layer-parallel. A
 calibrated recipe goes block by block, the inputs of block ``i`` coming from blocks ``< i``
 already compressed:
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from presso import DataError, UnsupportedError
-from presso.compressors.ptq import (
+from presso.compressors.ptq.blocks import (
     BlockInputs,
     Recipe,
     accumulate_stats,

@@ -246,7 +246,7 @@ def _train(cfg, plan: Plan, tracking, summary) -> Path:
 
 def _compress(cfg, plan: Plan, tracking, summary) -> Path:
     """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
-    from presso.compressors.artifact import save_compressed
+    from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
 
     run = tracking.stage("compress")

@@ -4,7 +4,7 @@ Uniform compression spends bytes where gradients are easy to compress and starve
 are not. Every ``adjust_every`` steps L-GreCo measures, for each layer and candidate parameter, the
 squared error of compressing the layer's recent error-compensated gradient, then picks the plan with
 the fewest bytes whose total error is at most ``alpha`` times that of the uniform reference
-(:mod:`presso.compressors.solver`). Squared errors add across layers (they are pieces of one
+(:mod:`presso.compressors.plan.knapsack`). Squared errors add across layers (they are pieces of one
 gradient vector's squared error), which is what makes the per-layer knapsack the right model.
 This module holds the schedule and the plan; the communicator does the measuring and broadcasting.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from presso.compressors.solver import min_bytes_within_error
+from presso.compressors.plan.knapsack import min_bytes_within_error
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, orthonormalize
 from presso.compressors.gradient.quant import Quantize
 from presso.compressors.gradient.topk import TopK
-from presso.compressors.quant.base import code_range
+from presso.compressors.quant.primitives import code_range
 from presso.compressors.quant.rtn import RTN
 from presso.kernels.grad_quant import quantize_pack_reference, unpack_dequantize_reference
 from presso.kernels.packing import pack_int32, unpack_int32

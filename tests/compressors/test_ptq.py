@@ -8,8 +8,8 @@ import torch
 
 import presso
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.artifact import save_compressed
-from presso.compressors.ptq import (
+from presso.compressors.formats.artifact import save_compressed
+from presso.compressors.ptq.blocks import (
     Recipe,
     accumulate_stats,
     apply_records,

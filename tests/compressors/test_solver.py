@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from presso import UnsupportedError
-from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
+from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
 
 
 def _ragged(rng, layers, max_cands, integer_errors):

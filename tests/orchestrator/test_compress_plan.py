@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.ptq import Recipe
+from presso.compressors.ptq.blocks import Recipe
+from presso.compressors.ptq.calibration import HessianStats
 from presso.orchestrator import compress
 from presso.orchestrator.compress import (
     assign,

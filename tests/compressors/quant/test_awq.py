@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from presso.compressors.ptq import (
+from presso.compressors.ptq.blocks import (
     Recipe,
     accumulate_stats,
     block_outputs,

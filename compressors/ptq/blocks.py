@@ -11,7 +11,7 @@ compressed, so later blocks calibrate against the errors of earlier ones):
 
 1. :func:`accumulate_stats` — feed the block's calibration inputs through it and sum each
    linear's input statistics. Data-parallel: workers take shards of the inputs; their results
-   add up (``+``) to the whole set's (see :mod:`presso.compressors.calibration`).
+   add up (``+``) to the whole set's (see :mod:`presso.compressors.ptq.calibration`).
 2. Block transforms (AWQ scaling), each with its own statistics; deterministic given them.
 3. :func:`solve_layer` for every linear — independent per layer, so layer-parallel.
 4. :func:`apply_records` — the block's weights become their dequantized values.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.calibration import weight_error
+from presso.compressors.ptq.calibration import weight_error
 from presso.compressors.registry import build
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Compress a model to a budget: per-layer bits, sparsity or rank, chosen by the shared solver.
 
 The weight-side twin of L-GreCo: measure every layer's error for every candidate setting, then
-let :mod:`presso.compressors.solver` (the same knapsack the gradient controller uses) pick one
+let :mod:`presso.compressors.plan.knapsack` (the same knapsack the gradient controller uses) pick one
 candidate per layer. Errors are weighted by the loss's sensitivity to each layer output
 (:func:`output_sensitivity`), so their sum estimates the loss increase of the whole plan::
 
@@ -17,7 +17,7 @@ low rank) with sequential calibration, like any uniform recipe.
 
 **Whole-artifact byte budgets.** Tensor bytes are exact per candidate; metadata (safetensors
 header, config.json, manifest, tokenizer files) is rendered exactly by
-:class:`~presso.compressors.artifact_size.ArtifactSizer`. A candidate's cost is its tensor bytes
+:class:`~presso.compressors.formats.artifact_size.ArtifactSizer`. A candidate's cost is its tensor bytes
 plus its own header entries; the rest is held back as a reserve. If the exact size of the plan
 still exceeds the budget (schemes differ in length), the reserve grows by the excess and the
 knapsack runs again, so the result never exceeds the budget and its size is known to the byte.
@@ -39,12 +39,12 @@ from decimal import Decimal
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
-from presso.compressors.calibration import HessianStats
-from presso.compressors.candidates import Candidate, CandidateGrid, Option, measure_layer
-from presso.compressors.ptq import Recipe, compress_model, model_inputs, validate_model
+from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
+from presso.compressors.plan.candidates import Candidate, CandidateGrid, Option, measure_layer
+from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
+from presso.compressors.ptq.blocks import Recipe, compress_model, model_inputs, validate_model
+from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.registry import check_range
-from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
