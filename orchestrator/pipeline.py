@@ -110,7 +110,7 @@ class Plan:
     vocab_size: int
     corpus: object
     recipe: object | None  # the compress recipe (presso.compressors.ptq.Recipe)
-    layers: object | None  # the layers it compresses, checked (compress.LayerPlan)
+    layers: object | None  # the layers it compresses, checked (ptq.blocks.BlockLayers)
     calibration: list | None  # batches of train-split token ids, when the recipe needs data
     model: object | None  # the loaded pretrained (or packed) model, when there is one
 

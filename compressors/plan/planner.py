@@ -42,7 +42,7 @@ from presso import ConfigError, DataError, UnsupportedError
 from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
 from presso.compressors.plan.candidates import Candidate, CandidateGrid, Option, measure_layer
 from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
-from presso.compressors.ptq.blocks import Recipe, compress_model, model_inputs, validate_model
+from presso.compressors.ptq.blocks import Recipe, compress_model, model_inputs, select_layers
 from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.registry import check_range
 
@@ -91,8 +91,8 @@ class BudgetConfig:
 
 def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, torch.nn.Linear]:
     """The decoder-block linears a plan covers, in the order the pipeline solves them."""
-    blocks = validate_model(model, Recipe([], None), ignore)
-    return {name: lin for _, _, linears in blocks for name, lin in linears.items()}
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in select_layers(model, Recipe([], None), ignore).names}
 
 
 @dataclass

@@ -1,29 +1,23 @@
-"""Post-training compression of a decoder model, block by block, in one process.
+"""Post-training compression of a decoder model, block by block: the one block loop.
 
-The reference pipeline, built from steps that a distributed runner can spread over workers::
-
-    recipe = [build("gptq", {"bits": 4, "group_size": 64})]
-    records = compress_model(model, recipe, calib_batches, ignore=["lm_head"])
+    records = compress_model(model, [{"gptq": {"bits": 4, "group_size": 64}}], calib_batches)
     save_compressed(model, records, "out/")
 
 For each decoder block ``i`` in turn (the inputs of block ``i`` come from blocks ``< i`` already
 compressed, so later blocks calibrate against the errors of earlier ones):
 
-1. :func:`accumulate_stats` — feed the block's calibration inputs through it and sum each
-   linear's input statistics. Data-parallel: workers take shards of the inputs; their results
-   add up (``+``) to the whole set's (see :mod:`presso.compressors.ptq.calibration`).
-2. Block transforms (AWQ scaling), each with its own statistics; deterministic given them.
-3. :func:`solve_layer` for every linear — independent per layer, so layer-parallel.
-4. :func:`apply_records` — the block's weights become their dequantized values.
-5. :func:`block_outputs` — the next block's inputs (per shard, on each worker).
+1. **stats** — feed the block's calibration inputs through it and sum each linear's input
+   statistics, once per transform (AWQ), then once for the solver;
+2. the transforms rewrite the block from their statistics (deterministic given them);
+3. **solve** every linear — independent per layer;
+4. the block's weights become their records' dequantized values;
+5. **outputs** — the next block's inputs.
 
-**Recipes.** A recipe is a list of algorithms: zero or more *transforms* (entries with a
-``transform_block`` method: ``awq``) followed by exactly one *solver* (any entry with
-``compress``: ``rtn``, ``gptq``, ``spqr``, ``adadim``, ``magnitude``, ``wanda``, ``sparsegpt``).
-Transforms run in order on each block, then the last entry solves every layer. A transform that
-is also the last entry (``[awq]``) solves with its own data-free rounding. Joint prune +
-quantize is one solver (``sparsegpt`` with ``bits``), not a pruner followed by a quantizer: only
-inside one sweep can the quantization error be compensated together with the pruning error.
+:func:`compress_blocks` is that loop, and the only one: *how* stats, solve and outputs run is
+a :class:`Steps` object. :class:`InProcess` runs them here; the orchestrator's Ray steps spread
+statistics over data shards (their sums, ``+``, equal the whole set's: see
+:mod:`presso.compressors.ptq.calibration`) and solves over workers. A recipe that needs no data
+solves every layer at once.
 
 Layers: every ``nn.Linear`` inside the decoder blocks (``model.model.layers`` for Hugging Face
 Llama-style models), except those matching ``ignore``. Other weighted leaf modules in the blocks
@@ -36,55 +30,17 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from presso import ConfigError, DataError, UnsupportedError
+from presso import DataError, UnsupportedError
 from presso.compressors.ptq.calibration import weight_error
-from presso.compressors.registry import build
+from presso.compressors.ptq.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Recipe:
-    transforms: list  # block transforms, applied in order (AWQ)
-    solver: object  # the algorithm that turns each layer into a stored record
-
-    @classmethod
-    def parse(cls, entries: Sequence, prefix: str = "compress.recipe") -> Recipe:
-        """Entries are algorithm objects or ``{name: {setting: value}}`` mappings (YAML)."""
-        algos = []
-        for i, entry in enumerate(entries):
-            if isinstance(entry, Mapping):  # a dict, or an OmegaConf DictConfig
-                if len(entry) != 1:
-                    raise ConfigError(f"{prefix}[{i}]: expected one {{algorithm: settings}} pair")
-                ((name, params),) = entry.items()
-                entry = build(name, dict(params or {}), f"{prefix}[{i}]")
-            algos.append(entry)
-        if not algos:
-            raise ConfigError(f"{prefix}: empty; give at least one algorithm, e.g. [{{rtn: {{}}}}]")
-        for i, algo in enumerate(algos[:-1]):
-            if not hasattr(algo, "transform_block"):
-                raise ConfigError(
-                    f"{prefix}[{i}]: {getattr(algo, 'name', algo)} solves layers, so it must be "
-                    "the last entry; only block transforms (awq) may come before the solver"
-                )
-        if not hasattr(algos[-1], "compress"):
-            raise ConfigError(f"{prefix}[{len(algos) - 1}]: the last entry must solve layers")
-        return cls([a for a in algos if hasattr(a, "transform_block")], algos[-1])
-
-    def solver_stats(self):
-        """The solver's statistic factory, or ``None`` when it solves without data."""
-        if hasattr(self.solver, "transform_block"):  # a transform solves data-free (AWQ → RTN)
-            return None
-        return getattr(self.solver, "make_stats", None)
-
-    @property
-    def needs_data(self) -> bool:
-        return bool(self.transforms) or self.solver_stats() is not None
 
 
 @dataclass
@@ -103,13 +59,24 @@ class BlockInputs:
 
 
 @dataclass
-class LayerResult:
-    """Progress report for one solved layer."""
+class BlockLayers:
+    """The layers a recipe compresses, per decoder block: ``(block prefix, linear names)``."""
+
+    blocks: list[tuple[str, list[str]]]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, names in self.blocks for name in names]
+
+
+@dataclass
+class LayerReport:
+    """What solving one layer took and gave."""
 
     name: str
-    block: int  # index of its decoder block
-    blocks: int  # number of decoder blocks
-    seconds: float  # wall time of solve_layer
+    block: int  # decoder block index; -1 when solved without calibration
+    worker: int  # the worker that solved it (0 in one process)
+    seconds: float  # wall time of the solve
     rel_error: float  # output error relative to the layer's output (weight error without data)
 
 
@@ -133,30 +100,29 @@ def _ignored(name: str, patterns: Iterable[str]) -> bool:
     )
 
 
-def validate_model(
+def select_layers(
     model: torch.nn.Module, recipe: Recipe, ignore: Iterable[str] = ()
-) -> list[tuple[str, torch.nn.Module, dict[str, torch.nn.Linear]]]:
-    """Per block ``(prefix, block, {name: linear})``; raises on any unsupported shape first."""
+) -> BlockLayers:
+    """The linears to compress, per block; raises on any shape the recipe cannot handle first."""
     prefix, blocks = find_blocks(model)
-    plan, unsupported = [], []
+    selected, unsupported = [], []
     for i, block in enumerate(blocks):
         bp = f"{prefix}.{i}"
-        linears = {}
+        names = []
         for rel, module in block.named_modules():
             name = f"{bp}.{rel}"
             if isinstance(module, torch.nn.Linear):
                 if not _ignored(name, ignore):
-                    linears[name] = module
+                    names.append(name)
+                    for algo in [*recipe.transforms, recipe.solver]:
+                        if hasattr(algo, "check_shape"):
+                            algo.check_shape(module.out_features, module.in_features, name)
             elif getattr(module, "weight", None) is not None and module.weight.dim() >= 2:
                 unsupported.append(f"{name} ({type(module).__name__})")
-        for name, lin in linears.items():
-            for algo in [*recipe.transforms, recipe.solver]:
-                if hasattr(algo, "check_shape"):
-                    algo.check_shape(lin.out_features, lin.in_features, name)
-        plan.append((bp, block, linears))
+        selected.append((bp, names))
     if unsupported:
         log.warning("skipping %d layers of unsupported types: %s", len(unsupported), unsupported)
-    return plan
+    return BlockLayers(selected)
 
 
 class _Captured(Exception):
@@ -234,27 +200,6 @@ def accumulate_stats(
     return {name: stats[alias.get(name, name)] for name in stats}
 
 
-def merge_stats(parts: Sequence[dict]) -> dict:
-    """Sum per-layer statistics of data shards, in shard order."""
-    total = dict(parts[0])
-    for part in parts[1:]:
-        total = {name: total[name] + part[name] for name in total}
-    return total
-
-
-def transform_block(
-    recipe: Recipe,
-    block: torch.nn.Module,
-    inputs: BlockInputs,
-    linears: dict[str, torch.nn.Linear],
-    prefix: str,
-) -> None:
-    """Apply the recipe's block transforms in order, each calibrated on the block as it is."""
-    for t in recipe.transforms:
-        stats = accumulate_stats(block, inputs, t.make_stats, linears)
-        t.transform_block(block, stats, prefix)
-
-
 def solve_layer(algo, weight: torch.Tensor, stats, name: str):
     """One layer's stored record; independent of every other layer."""
     return algo.compress(weight.detach().float(), stats, name)
@@ -281,37 +226,118 @@ def relative_error(weight: torch.Tensor, record, stats) -> float:
     return weight_error(record.dequantize() - w, stats) / max(weight_error(w, stats), 1e-30)
 
 
+class Steps(Protocol):
+    """How the block loop's steps run: in this process, or spread over workers."""
+
+    def stats(self, block, prefix: str, inputs: BlockInputs, make_stats, names: list[str]) -> dict:
+        """Each named linear's input statistics over all of ``inputs`` (names in full, the
+        block's own name ``prefix``)."""
+
+    def solve(self, jobs: dict[str, tuple], block: int) -> tuple[dict, list[LayerReport]]:
+        """``{name: (algorithm, weight, stats or None)}`` → ``({name: record}, reports)``,
+        both in ``jobs`` order."""
+
+    def outputs(self, block, inputs: BlockInputs) -> BlockInputs:
+        """The block's outputs: the next block's inputs."""
+
+
+@dataclass
+class InProcess:
+    """The steps run here, one after the other; ``progress`` sees each solved layer."""
+
+    progress: Callable[[LayerReport], None] | None = None
+
+    def stats(self, block, prefix, inputs, make_stats, names):
+        linears = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
+        return accumulate_stats(block, inputs, make_stats, linears)
+
+    def solve(self, jobs, block):
+        records, reports = {}, []
+        for name, (algo, weight, stats) in jobs.items():
+            tick = time.perf_counter()
+            records[name] = solve_layer(algo, weight, stats, name)
+            seconds = time.perf_counter() - tick
+            error = relative_error(weight, records[name], stats)
+            reports.append(LayerReport(name, block, 0, seconds, error))
+            if self.progress is not None:
+                self.progress(reports[-1])
+        return records, reports
+
+    def outputs(self, block, inputs):
+        return block_outputs(block, inputs)
+
+
+@torch.no_grad()
+def compress_blocks(
+    model: torch.nn.Module,
+    layers: BlockLayers,
+    recipe: Recipe,
+    steps: Steps,
+    calib_batches: Iterable | None = None,
+    solvers: dict | None = None,
+    on_block: Callable[[str], None] | None = None,
+) -> tuple[dict, list[LayerReport]]:
+    """Compress ``layers`` of ``model`` in place; returns ``({name: record}, reports)``.
+
+    ``solvers`` maps layer names to the algorithm that solves them instead of the recipe's
+    solver (a per-layer assignment, e.g. bits chosen by a budget); they must accept the recipe
+    solver's statistics. ``on_block(text)`` follows each finished block with its timings.
+    """
+    solvers = solvers or {}
+    modules = dict(model.named_modules())
+
+    def jobs(names: list[str], stats: dict) -> dict[str, tuple]:
+        return {n: (solvers.get(n, recipe.solver), modules[n].weight, stats.get(n)) for n in names}
+
+    if not recipe.needs_data:
+        tick = time.perf_counter()
+        records, reports = steps.solve(jobs(layers.names, {}), -1)
+        apply_records(model, records)
+        if on_block:
+            on_block(f"{len(records)} layers in {time.perf_counter() - tick:.1f} s")
+        return records, reports
+
+    inputs = capture_block_inputs(model, calib_batches or [])
+    make_stats = recipe.solver_stats()
+    records, reports = {}, []
+    for i, (prefix, names) in enumerate(layers.blocks):
+        phases = {"stats": time.perf_counter()}  # phase -> its start, then its seconds
+        block = modules[prefix]
+        for t in recipe.transforms:
+            t.transform_block(
+                block, steps.stats(block, prefix, inputs, t.make_stats, names), prefix
+            )
+        stats = steps.stats(block, prefix, inputs, make_stats, names) if make_stats else {}
+        phases["solve"] = time.perf_counter()
+        done, done_reports = steps.solve(jobs(names, stats), i)
+        apply_records(block, done, prefix)
+        records.update(done)
+        reports += done_reports
+        phases["outputs"] = time.perf_counter()
+        if i + 1 < len(layers.blocks):
+            inputs = steps.outputs(block, inputs)
+        if on_block:
+            marks = [*phases.values(), time.perf_counter()]
+            split = ", ".join(f"{p} {b - a:.1f}" for p, a, b in zip(phases, marks, marks[1:]))
+            on_block(
+                f"block {i + 1}/{len(layers.blocks)}: {len(names)} layers in "
+                f"{marks[-1] - marks[0]:.1f} s ({split})"
+            )
+    return records, reports
+
+
 def compress_model(
     model: torch.nn.Module,
     recipe,
     calib_batches: Iterable | None = None,
     ignore: Iterable[str] = ("lm_head",),
-    progress: Callable[[LayerResult], None] | None = None,
+    progress: Callable[[LayerReport], None] | None = None,
 ) -> dict:
-    """Compress every decoder-block linear of ``model`` in place; returns ``{name: record}``.
-
-    ``recipe`` is a :class:`Recipe` or a list of entries (see :meth:`Recipe.parse`). The model's
-    weights end up dequantized (and AWQ-folded), ready for ``save_compressed(model, records)``.
+    """Compress every decoder-block linear of ``model`` in place, in this process; returns
+    ``{name: record}``. ``recipe`` is a :class:`Recipe` or a list of entries (see
+    :meth:`Recipe.parse`). The model's weights end up dequantized (and AWQ-folded), ready for
+    ``save_compressed(model, records)``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
-    plan = validate_model(model, recipe, ignore)
-    inputs = capture_block_inputs(model, calib_batches or []) if recipe.needs_data else None
-    make_stats = recipe.solver_stats()
-    records = {}
-    for i, (prefix, block, linears) in enumerate(plan):
-        if recipe.transforms:
-            transform_block(recipe, block, inputs, linears, prefix)
-        stats = accumulate_stats(block, inputs, make_stats, linears) if make_stats else {}
-        done = {}
-        for name, lin in linears.items():
-            t0 = time.perf_counter()
-            done[name] = solve_layer(recipe.solver, lin.weight, stats.get(name), name)
-            seconds = time.perf_counter() - t0
-            if progress is not None:
-                err = relative_error(lin.weight, done[name], stats.get(name))
-                progress(LayerResult(name, i, len(plan), seconds, err))
-        apply_records(block, done, prefix)
-        records.update(done)
-        if inputs is not None and i + 1 < len(plan):
-            inputs = block_outputs(block, inputs)
-    return records
+    layers = select_layers(model, recipe, ignore)
+    return compress_blocks(model, layers, recipe, InProcess(progress), calib_batches)[0]
