@@ -100,7 +100,7 @@ def _tokenizer(cfg: PressoConfig, source: Path | None):
 
 
 @dataclass
-class Plan:
+class Preflight:
     """Everything checked and loaded before a run starts or writes anything."""
 
     stages: tuple[str, ...]
@@ -115,7 +115,7 @@ class Plan:
     model: object | None  # the loaded pretrained (or packed) model, when there is one
 
 
-def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
+def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
     compress, so that bad input fails here: before Ray, MLflow or any output folder."""
     from presso import load_compressed
@@ -158,7 +158,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
                 corpus.train, k.samples, k.seq_len, k.batch_size, k.seed
             )
     out = Path(cfg.run.output_dir).resolve() / cfg.run.name
-    return Plan(
+    return Preflight(
         stages,
         out,
         source,
@@ -222,7 +222,7 @@ def describe(recipe) -> str:
     )
 
 
-def _train(cfg, plan: Plan, tracking, summary) -> Path:
+def _train(cfg, plan: Preflight, tracking, summary) -> Path:
     from presso.orchestrator.tracking import plot_curves
     from presso.orchestrator.train import run_training
 
@@ -244,7 +244,7 @@ def _train(cfg, plan: Plan, tracking, summary) -> Path:
     return folder
 
 
-def _compress(cfg, plan: Plan, tracking, summary) -> Path:
+def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
     """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
     from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
@@ -306,7 +306,7 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
     return info.path
 
 
-def _compress_and_eval(cfg, plan: Plan, tracking, summary):
+def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
     import presso
     from presso.orchestrator.evaluate import perplexity
     from presso.orchestrator.models import is_artifact, model_bytes

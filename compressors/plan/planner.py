@@ -157,7 +157,7 @@ def output_sensitivity(
 
 
 @dataclass
-class MeasureSolver:
+class CandidateMeasurer:
     """A recipe solver that measures instead of compressing: the PTQ pipeline (one process, or
     distributed over workers) then runs one calibration pass with the measurement spread over
     layers like any solve."""
@@ -189,7 +189,7 @@ def measure_model(
     calib_batches = list(calib_batches)  # read twice when weighting by the loss
     if sensitivity is None and grid.error == "loss":
         sensitivity = output_sensitivity(model, calib_batches, ignore)
-    solver = MeasureSolver(grid, sensitivity)
+    solver = CandidateMeasurer(grid, sensitivity)
     records = compress_model(model, [solver], calib_batches, ignore, progress)
     return {name: record.options for name, record in records.items()}
 
@@ -213,7 +213,7 @@ def min_artifact_bytes(
 
 
 @dataclass
-class PlanSolver:
+class PerLayerSolver:
     """A recipe solver giving each layer its planned setting, so the PTQ pipeline (one process
     or distributed) solves a plan like any uniform recipe."""
 
@@ -257,9 +257,9 @@ class BudgetPlan:
         """Planned layers that stay dense: pass them to the pipeline's ``ignore``."""
         return [n for n, o in zip(self.names, self.chosen) if o.format is None]
 
-    def solver(self, damp: float = 0.01) -> PlanSolver:
+    def solver(self, damp: float = 0.01) -> PerLayerSolver:
         choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
-        return PlanSolver(choices, damp)
+        return PerLayerSolver(choices, damp)
 
     def describe(self, top: int | None = None) -> str:
         """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting (the ``top``
