@@ -35,10 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from presso import IntegrityError
 from presso.compressors.gradient import lgreco
 from presso.compressors.gradient.accounting import CommStats, payload_bytes
-from presso.compressors.gradient.config import Family, GradCompressionConfig, Method
+from presso.compressors.gradient.config import GradCompressionConfig, Method
 from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, power_step
-from presso.compressors.gradient.quant import Quantize
-from presso.compressors.gradient.topk import TopK
 
 
 def _all_gather_single(out: torch.Tensor, t: torch.Tensor, group) -> None:
@@ -57,11 +55,7 @@ class Communicator:
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.family = {
-            Family.powersgd: PowerSGD(),
-            Family.topk: TopK(),
-            Family.quant: Quantize(cfg.bucket_size),
-        }[cfg.family]
+        self.family = cfg.build_family()
         self.schedule = lgreco.Schedule(cfg.warmup_steps, cfg.adjust_every, cfg.measure_steps)
         self.adaptive = cfg.method is Method.lgreco
         params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
