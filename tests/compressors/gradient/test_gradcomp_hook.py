@@ -153,15 +153,15 @@ def test_lgreco_measures_only_finite_steps():
     assert len(record) == 2  # one per step
     assert comm.choices() == {"0.weight": 2.0, "2.weight": 2.0, "4.weight": 2.0}
     _step(ddp, comm, opt, gen)
-    snapshot = {n: t.clone() for n, t in comm.acc.items()}
+    snapshot = {n: t.clone() for n, t in comm.lgreco.acc.items()}
 
     def acc_unchanged():
-        assert snapshot.keys() == comm.acc.keys()
-        assert all(torch.equal(snapshot[n], comm.acc[n]) for n in snapshot)
+        assert snapshot.keys() == comm.lgreco.acc.keys()
+        assert all(torch.equal(snapshot[n], comm.lgreco.acc[n]) for n in snapshot)
 
     with pytest.warns(RuntimeWarning, match="non-finite"):
         _step(ddp, comm, opt, gen, poison=True, before_end=acc_unchanged)  # then re-plans
-    assert not comm.acc and all(torch.isfinite(t).all() for t in comm.error.values())
+    assert not comm.lgreco.acc and all(torch.isfinite(t).all() for t in comm.error.values())
 
 
 def test_too_large_rank_is_clamped_with_one_warning():
