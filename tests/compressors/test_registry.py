@@ -1,5 +1,8 @@
 """One registry pattern: every selectable component is listed with its settings and builds."""
 
+import re
+from pathlib import Path
+
 import pytest
 from torch import nn
 
@@ -39,3 +42,16 @@ def test_the_galore_torch_peer_is_selectable():
             build_optimizer(cfg, model)
     else:
         assert type(build_optimizer(cfg, model)).__module__.startswith("galore_torch")
+
+
+def test_readme_catalogue_is_the_registries():
+    """The README's algorithm table names exactly the registered components (formats aside)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Algorithms", 1)[1].split("\n\n", 2)[1]
+    named = set()
+    for row in table.splitlines()[2:]:
+        named |= {n.split(": ")[-1] for n in re.findall(r"`([^`]+)`", row.split("|")[3])}
+    registered = {
+        e.name for kind, found in catalogue().items() if kind != "stored format" for e in found
+    }
+    assert named == registered
