@@ -33,7 +33,7 @@ from presso.compressors.plan.planner import (
     parse_bytes,
     planned_layers,
 )
-from presso.compressors.ptq.blocks import Recipe
+from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
 
 

@@ -1,9 +1,9 @@
 """The compress stage: calibration and solving spread over a pool of Ray actors.
 
-The steps are those of :mod:`presso.compressors.ptq.blocks`; this module only decides where they run.
-A recipe that needs no data (RTN, magnitude) solves every layer at once, layer-parallel. A
-calibrated recipe goes block by block, the inputs of block ``i`` coming from blocks ``< i``
-already compressed:
+The block loop is :func:`presso.compressors.ptq.blocks.compress_blocks`, the same one that runs in
+one process; this module supplies how its steps run on the pool (:class:`RaySteps`). A recipe that
+needs no data (RTN, magnitude) solves every layer at once, layer-parallel. A calibrated recipe
+goes block by block, the inputs of block ``i`` coming from blocks ``< i`` already compressed:
 
 1. the driver holds the block's inputs (hidden states and the layers' keyword arguments), cut
    into ``shards`` contiguous shards of whole batches, and ships the block and the shards to the
@@ -35,12 +35,12 @@ from presso.compressors.ptq.blocks import (
     BlockLayers,
     InProcess,
     LayerReport,
-    Recipe,
     block_outputs,
     compress_blocks,
     select_layers,
 )
 from presso.compressors.ptq.calibration import sum_shards
+from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.pool import Task, WorkerPool
 
 

@@ -42,8 +42,9 @@ from presso import ConfigError, DataError, UnsupportedError
 from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
 from presso.compressors.plan.candidates import Candidate, CandidateGrid, Option, measure_layer
 from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
-from presso.compressors.ptq.blocks import Recipe, compress_model, model_inputs, select_layers
+from presso.compressors.ptq.blocks import compress_model, model_inputs, select_layers
 from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.recipe import Recipe
 from presso.compressors.registry import check_range
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}

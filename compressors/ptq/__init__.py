@@ -4,6 +4,7 @@ statistics, the OBS sweep, and the one block loop the in-process and Ray runs sh
     from presso.compressors.ptq import Recipe, compress_model
 """
 
-from presso.compressors.ptq.blocks import Recipe, compress_model
+from presso.compressors.ptq.blocks import compress_model
+from presso.compressors.ptq.recipe import Recipe
 
 __all__ = ["Recipe", "compress_model"]

@@ -12,7 +12,7 @@ import torch
 
 import presso
 from presso import DataError
-from presso.compressors.ptq.blocks import Recipe, compress_model
+from presso.compressors.ptq import Recipe, compress_model
 from presso.compressors.quant.gptq import GPTQ
 from presso.orchestrator.compress import compress_layers, plan_layers, run_compression
 from presso.orchestrator.pool import WorkerPool

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.ptq.blocks import Recipe
 from presso.compressors.ptq.calibration import HessianStats, sum_shards
+from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator import compress
 from presso.orchestrator.compress import (
     assign,
