@@ -42,8 +42,8 @@ class StageError(PressoError):
 
 
 def load_compressed(path, device="cpu"):
-    """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.artifact``)."""
-    from presso.compressors.artifact import load_compressed as _load
+    """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.formats.artifact``)."""
+    from presso.compressors.formats.artifact import load_compressed as _load
 
     return _load(path, device=device)
 

@@ -4,7 +4,7 @@
 
 Three budgets are the real artifact sizes of uniform GPTQ W4 g64, GPTQ W3 g64 and SparseGPT
 2:4 + W4 g64 (SmolLM2's width 576 is not a multiple of 128, so g64). For each, the planner
-(:mod:`presso.compressors.budget`) chooses per-layer bits, group sizes, sparsity, rank or dense
+(:mod:`presso.compressors.plan.planner`) chooses per-layer bits, group sizes, sparsity, rank or dense
 from one calibration pass (each layer's output errors weighted by the loss's sensitivity to them,
 from one backward pass), and the plan is solved with GPTQ / SparseGPT / output-optimal low
 rank, sequentially block by block like the uniform recipes. More budgets (``SWEEP``) and uniform
@@ -100,8 +100,8 @@ class Runner:
 
     def run(self, recipe, ignore=("lm_head",)):
         """``(artifact info, perplexity)`` of the model compressed by ``recipe``."""
-        from presso.compressors.artifact import save_compressed
-        from presso.compressors.ptq import compress_model
+        from presso.compressors.formats.artifact import save_compressed
+        from presso.compressors.ptq.blocks import compress_model
 
         model = copy.deepcopy(self.model)
         records = compress_model(model, recipe, self.calib, ignore=list(ignore))
@@ -146,7 +146,7 @@ def main() -> int:
     if args.quick:
         args.eval_tokens, args.calib_samples = min(args.eval_tokens, 2048), 4
     torch.set_num_threads(args.threads)
-    from presso.compressors.budget import CandidateGrid, Planner, measure_model
+    from presso.compressors.plan.planner import CandidateGrid, Planner, measure_model
 
     model, tokenizer, calib, test_tokens = setup(args)
     runner = Runner(model, tokenizer, calib, test_tokens, args.eval_tokens)

@@ -113,7 +113,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
     from presso import load_compressed
-    from presso.compressors.artifact import save_compressed
+    from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
 
     walls, results = {}, {}

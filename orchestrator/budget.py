@@ -1,17 +1,17 @@
 """The compress stage under ``compress.budget``: measure on the workers, plan, solve.
 
 1. **Measure**: one forward and backward pass of the dense model on the driver weighs each
-   layer's outputs by the loss (:func:`~presso.compressors.budget.output_sensitivity`, unless
+   layer's outputs by the loss (:func:`~presso.compressors.plan.planner.output_sensitivity`, unless
    ``compress.candidates.error: output``); then the distributed PTQ pipeline runs with
-   :class:`~presso.compressors.budget.MeasureSolver` as its solver. That is one calibration pass
+   :class:`~presso.compressors.plan.planner.CandidateMeasurer` as its solver. That is one calibration pass
    over the dense model (statistics data-parallel over shards, as for any recipe), with every
    layer's candidates measured on the workers, layer-parallel like solves.
-2. **Plan** on the driver with the shared knapsack (:class:`~presso.compressors.budget.Planner`):
+2. **Plan** on the driver with the shared knapsack (:class:`~presso.compressors.plan.planner.Planner`):
    ``bytes`` and ``avg_bits`` directly; ``max_ppl_increase_pct`` by bisection over the error
    budget, each step's plan solved on the workers and measured on held-out windows of the
    validation split (never the test split the stage reports).
 3. **Solve** the plan: the pipeline again, each layer with its own solver
-   (:class:`~presso.compressors.budget.PlanSolver`); layers planned dense are left out.
+   (:class:`~presso.compressors.plan.planner.PerLayerSolver`); layers planned dense are left out.
 
 The plan is printed as a table and logged to the stage's MLflow run (``budget_plan.txt``,
 ``budget_plan.json`` and a heat map of stored bits per weight by block and layer).
@@ -24,22 +24,22 @@ import math
 import time
 
 from presso import ConfigError, IntegrityError, UnsupportedError
-from presso.compressors.budget import (
+from presso.compressors.plan.planner import (
     BudgetPlan,
-    MeasureSolver,
+    CandidateMeasurer,
     Planner,
     min_artifact_bytes,
     output_sensitivity,
     parse_bytes,
     planned_layers,
 )
-from presso.compressors.ptq import Recipe
+from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
 
 
 def measuring_recipe(cfg, sensitivity: dict | None = None) -> Recipe:
     """The recipe of the measuring pass (``sensitivity``: the loss weights, once computed)."""
-    return Recipe([], MeasureSolver(cfg.compress.candidates, sensitivity))
+    return Recipe([], CandidateMeasurer(cfg.compress.candidates, sensitivity))
 
 
 def check_budget(cfg, model, tokenizer) -> None:
@@ -168,7 +168,7 @@ def check_artifact(chosen: BudgetPlan, artifact_bytes: int, budget) -> None:
         raise IntegrityError(
             f"compress.budget: the artifact has {artifact_bytes:,} bytes but the plan predicted "
             f"{chosen.artifact_bytes:,} (budget {budget.bytes}); the artifact format changed "
-            "under the planner's size model (presso.compressors.artifact_size) — report this"
+            "under the planner's size model (presso.compressors.formats.artifact_size) — report this"
         )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from presso import IntegrityError
-from presso.compressors.integrity import verify_manifest, write_manifest
+from presso.compressors.formats.integrity import verify_manifest, write_manifest
 
 FINAL_MODEL = "model"  # the trained model as a Hugging Face folder, in rank 0's final checkpoint
 

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from presso import ConfigError
-from presso.compressors.budget import BudgetConfig
-from presso.compressors.candidates import CandidateGrid
 from presso.compressors.gradient import GradCompressionConfig, Method
 from presso.compressors.optim import OptimizerConfig
+from presso.compressors.plan.candidates import CandidateGrid
+from presso.compressors.plan.planner import BudgetConfig
 
 
 @dataclass
@@ -102,7 +102,7 @@ class CompressConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers left dense
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # Fit a budget instead (bytes, avg_bits or max_ppl_increase_pct): per-layer settings chosen
-    # from `candidates` by presso.compressors.budget replace the recipe.
+    # from `candidates` by presso.compressors.plan.planner replace the recipe.
     budget: BudgetConfig | None = None
     candidates: CandidateGrid = field(default_factory=CandidateGrid)  # what a plan may choose
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from presso import PressoError
-from presso.orchestrator.registry import CHAMPION, Registered, log_and_register
+from presso.orchestrator.model_registry import CHAMPION, Registered, log_and_register
 from presso.orchestrator.spool import Spool, find_spools, is_local
 
 # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) stall a run for minutes per call

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presso import DataError
-from presso.compressors.integrity import sha256_file
+from presso.compressors.formats.integrity import sha256_file
 
 
 def cache_dir() -> Path:

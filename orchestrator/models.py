@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from presso import DataError, IntegrityError
-from presso.compressors.integrity import sealed_folder, sha256_file, verify_manifest
+from presso.compressors.formats.integrity import sealed_folder, sha256_file, verify_manifest
 from presso.orchestrator.config import ModelConfig, ScratchModelConfig
 from presso.orchestrator.fetch import PypiFile, cache_dir, fetch
 

@@ -174,7 +174,7 @@ def check_windows(cfg: PressoConfig, corpus, stages: tuple[str, ...]) -> None:
 
 
 @dataclass
-class Plan:
+class Preflight:
     """Everything checked and loaded before a run starts or writes anything."""
 
     stages: tuple[str, ...]
@@ -184,12 +184,12 @@ class Plan:
     vocab_size: int
     corpus: object
     recipe: object | None  # the compress recipe (presso.compressors.ptq.Recipe)
-    layers: object | None  # the layers it compresses, checked (compress.LayerPlan)
+    layers: object | None  # the layers it compresses, checked (ptq.blocks.BlockLayers)
     calibration: list | None  # batches of train-split token ids, when the recipe needs data
     model: object | None  # the loaded pretrained (or packed) model, when there is one
 
 
-def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
+def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
     compress, so that bad input fails here: before Ray, MLflow or any output folder."""
     from presso import load_compressed
@@ -233,7 +233,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Plan:
                 corpus.train, k.samples, k.seq_len, k.batch_size, k.seed
             )
     out = Path(cfg.run.output_dir).resolve() / cfg.run.name
-    return Plan(
+    return Preflight(
         stages,
         out,
         source,
@@ -314,7 +314,7 @@ def describe(recipe) -> str:
     )
 
 
-def _train(cfg, plan: Plan, tracking, summary) -> Path:
+def _train(cfg, plan: Preflight, tracking, summary) -> Path:
     from presso.orchestrator.tracking import plot_curves
     from presso.orchestrator.train import run_training
 
@@ -344,9 +344,9 @@ def _train(cfg, plan: Plan, tracking, summary) -> Path:
     return folder
 
 
-def _compress(cfg, plan: Plan, tracking, summary) -> Path:
+def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
     """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
-    from presso.compressors.artifact import save_compressed
+    from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
 
     run = tracking.stage("compress")
@@ -405,7 +405,7 @@ def _compress(cfg, plan: Plan, tracking, summary) -> Path:
     return info.path
 
 
-def _compress_and_eval(cfg, plan: Plan, tracking, summary):
+def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
     import presso
     from presso.compressors.artifact import folder_bytes
     from presso.compressors.integrity import replace_folder

@@ -18,7 +18,7 @@ from pathlib import Path
 import presso
 from presso.orchestrator.config import PressoConfig, flatten, to_dict, to_yaml
 from presso.orchestrator.delivery import Link, settle
-from presso.orchestrator.registry import Registered
+from presso.orchestrator.model_registry import Registered
 from presso.orchestrator.spool import new_local_id
 
 _PARAM_LIMIT = 6000  # MLflow's longest param value

@@ -9,28 +9,20 @@ hooks with exact byte accounting.
 
 from __future__ import annotations
 
-from presso import UnsupportedError
-from presso.compressors.gradient.config import Family, GradCompressionConfig, Method
+from presso.compressors.gradient.config import (
+    FAMILIES,
+    METHODS,
+    Family,
+    GradCompressionConfig,
+    Method,
+)
 
 
 def build_communicator(cfg: GradCompressionConfig, ddp_model, process_group=None):
     """The communicator ``cfg.method`` asks for, not yet registered (call ``.register``); ``None``
     for ``method: none`` (plain DDP). ``process_group`` must be the one DDP was built with."""
     cfg.validate("grad_compression")
-    if cfg.method is Method.none:
-        return None
-    if cfg.method is Method.galore:
-        raise UnsupportedError(
-            "grad_compression.method 'galore' is built with its optimizer: use "
-            "presso.compressors.optim's build_galore_communicator(optimizer, ddp_model)"
-        )
-    if cfg.method is Method.torch_powersgd:
-        from presso.compressors.gradient.torch_powersgd import TorchPowerSGDCommunicator
-
-        return TorchPowerSGDCommunicator(cfg, ddp_model, process_group)
-    from presso.compressors.gradient.communicator import Communicator
-
-    return Communicator(cfg, ddp_model, process_group)
+    return METHODS.get(cfg.runs, "grad_compression.method").build(cfg, ddp_model, process_group)
 
 
-__all__ = ["Family", "GradCompressionConfig", "Method", "build_communicator"]
+__all__ = ["FAMILIES", "METHODS", "Family", "GradCompressionConfig", "Method", "build_communicator"]

@@ -1,4 +1,4 @@
-"""The DDP comm hook that compresses gradients per layer, with error feedback and L-GreCo.
+"""The DDP comm hook that compresses gradients per layer, with error feedback.
 
 Lifecycle of one step, per DDP bucket (``communicate``):
 
@@ -18,7 +18,8 @@ bytes this worker hands over (``CommStats``), so the byte count is the payload a
 A non-finite value (NaN/inf) in a layer's input or aggregated result *skips* that layer's state
 update for the step: its error-feedback buffer, PowerSGD warm-start ``Q`` and L-GreCo measurement
 are left as they were (nothing is reset), and ``end_step`` issues one warning naming the layers.
-A re-plan keeps the current choice of any layer that no worker could measure.
+L-GreCo's measuring and re-planning live in :mod:`presso.compressors.gradient.lgreco`; this
+module hands it the inputs and its collectives.
 The non-finite average itself is returned to DDP, so the training loop's own guard (e.g. skipping
 the optimizer step) still sees it. The checks are tensor ops, so the hook never syncs a GPU.
 """
@@ -35,10 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from presso import IntegrityError
 from presso.compressors.gradient import lgreco
 from presso.compressors.gradient.accounting import CommStats, payload_bytes
-from presso.compressors.gradient.config import Family, GradCompressionConfig, Method
+from presso.compressors.gradient.config import GradCompressionConfig, Method
 from presso.compressors.gradient.powersgd import PowerSGD, matrix_shape, power_step
-from presso.compressors.gradient.quant import Quantize
-from presso.compressors.gradient.topk import TopK
 
 
 def _all_gather_single(out: torch.Tensor, t: torch.Tensor, group) -> None:
@@ -57,29 +56,26 @@ class Communicator:
         self.group = process_group if process_group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.family = {
-            Family.powersgd: PowerSGD(),
-            Family.topk: TopK(),
-            Family.quant: Quantize(cfg.bucket_size),
-        }[cfg.family]
-        self.schedule = lgreco.Schedule(cfg.warmup_steps, cfg.adjust_every, cfg.measure_steps)
-        self.adaptive = cfg.method is Method.lgreco
+        self.family = cfg.build_family()
         params = [(n, p) for n, p in ddp_model.module.named_parameters() if p.requires_grad]
         self.names = {id(p): n for n, p in params}
         self.shapes = {n: p.shape for n, p in params}
         self.device = params[0][1].device if params else torch.device("cpu")
         self.index = {n: i for i, (n, _) in enumerate(params)}  # seeds streams per layer
         self.choice: dict[str, float] = {}  # compressed layers -> parameter in force
-        self.candidates: dict[str, list] = {}  # compressed layers -> L-GreCo's candidates
-        self._plan_layers(params)
+        self._choose_layers(params)
+        self.lgreco = (
+            lgreco.LGreCo(cfg, self.family, self.shapes, self.choice)
+            if cfg.method is Method.lgreco
+            else None
+        )
         self.error: dict[str, torch.Tensor] = {}  # error-feedback buffers, flat fp32
         self.q: dict[str, torch.Tensor] = {}  # PowerSGD warm-start Q
-        self.acc: dict[str, torch.Tensor] = {}  # L-GreCo measurement: summed inputs
         self._nonfinite: dict[str, torch.Tensor] = {}  # layer -> bool tensor, this step
         self.stats = CommStats()
         self.step = 0  # finished optimizer steps
 
-    def _plan_layers(self, params) -> None:
+    def _choose_layers(self, params) -> None:
         """Choose compressed layers and clamp the default; warn once for every clamped layer."""
         default = self.cfg.default()
         clamped = []
@@ -92,8 +88,6 @@ class Communicator:
             if value != default:
                 clamped.append(f"{name}→{value}")
             self.choice[name] = value
-            cands = {self.family.clamp(p.shape, c) for c in self.cfg.candidates()} | {value}
-            self.candidates[name] = sorted(cands)
         if clamped:
             warnings.warn(
                 f"grad_compression: {self.cfg.family.value} parameter {default} is more than "
@@ -140,7 +134,7 @@ class Communicator:
         if self.step < self.cfg.warmup_steps:
             if self._measuring():
                 local = {n: g.reshape(-1).float() for n, g in named if n in self.choice}
-                self._measure(local, {n: self._check(n, x) for n, x in local.items()})
+                self.lgreco.measure(local, {n: self._check(n, x) for n, x in local.items()})
             self._all_reduce(buf)
             buf.div_(self.world)
             return _done(buf)
@@ -162,7 +156,7 @@ class Communicator:
                 self.error[n] = torch.where(ok[n], inputs[n] - shares[n], self.error[n])
                 grads[n].copy_(means[n].view_as(grads[n]))
             if self._measuring():
-                self._measure(inputs, ok)
+                self.lgreco.measure(inputs, ok)
         if pending is not None:
             pending.wait()
             flat_buf.div_(self.world)
@@ -233,56 +227,8 @@ class Communicator:
         key = f"{self.cfg.seed}/{step}/{rank}/{self.index[name]}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")
 
-    # ---- L-GreCo ------------------------------------------------------------------------------
-
     def _measuring(self) -> bool:
-        return self.adaptive and self.schedule.measuring(self.step)
-
-    def _measure(self, inputs: dict[str, torch.Tensor], ok: dict[str, torch.Tensor]) -> None:
-        """Add this step's local inputs to the next re-plan's measurement (finite ones only)."""
-        for n, x in inputs.items():
-            add = torch.where(ok[n], x, torch.zeros_like(x))
-            self.acc[n] = self.acc[n] + add if n in self.acc else add
-
-    def _adjust(self) -> None:
-        """Measure every candidate on the summed inputs, let rank 0 solve, broadcast the plan."""
-        layers = list(self.choice)
-        width = max(len(self.candidates[n]) for n in layers)
-        table = torch.zeros(len(layers), width + 1, dtype=torch.float64)  # last column: measured
-        for i, n in enumerate(layers):
-            if n in self.acc and self.acc[n].any():  # all zero: nothing measured, no information
-                grad = self.acc[n].view(self.shapes[n]).cpu()
-                errors = self.family.errors(grad, self.candidates[n])
-                table[i, : len(errors)] = torch.tensor(errors, dtype=torch.float64)
-                table[i, -1] = 1
-        table = self._sum(table.to(self.device)).cpu()  # every worker's errors, summed
-        picks = torch.zeros(len(layers), dtype=torch.int64)
-        if self.rank == 0:
-            picks = torch.tensor(self._solve(layers, table))
-        picks = picks.to(self.device)
-        self._broadcast(picks)
-        for n, k in zip(layers, picks.tolist()):
-            self.choice[n] = self.candidates[n][k]
-        self.acc.clear()
-
-    def _solve(self, layers: list[str], table: torch.Tensor) -> list[int]:
-        """Candidate index per layer; a layer no worker measured keeps its current choice."""
-        default = self.cfg.default()
-        sizes, errors, reference, pinned = [], [], [], []
-        for i, n in enumerate(layers):
-            cands = self.candidates[n]
-            pinned.append(table[i, -1] == 0)
-            if pinned[-1]:
-                cands = [self.choice[n]]
-            sizes.append([self.family.payload_bytes(self.shapes[n], c) for c in cands])
-            errors.append([0.0] if pinned[-1] else table[i, : len(cands)].tolist())
-            ref = self.family.clamp(self.shapes[n], default)
-            reference.append(cands.index(ref) if ref in cands else 0)
-        plan = lgreco.plan(sizes, errors, reference, self.cfg.alpha)
-        return [
-            self.candidates[n].index(self.choice[n]) if pin else k
-            for n, pin, k in zip(layers, pinned, plan)
-        ]
+        return self.lgreco is not None and self.lgreco.schedule.measuring(self.step)
 
     # ---- step boundary and checkpoints --------------------------------------------------------
 
@@ -302,8 +248,10 @@ class Communicator:
             )
         dense_phase = self.step < self.cfg.warmup_steps
         self.step += 1
-        if self.adaptive and self.choice and self.schedule.due(self.step):
-            self._adjust()
+        if self.lgreco is not None and self.choice and self.lgreco.schedule.due(self.step):
+            self.choice = self.lgreco.replan(
+                self.choice, self._sum, self._broadcast, self.rank, self.device
+            )
         metrics = self.stats.end_step()
         metrics["comm/dense_phase"] = float(dense_phase)
         metrics.update({f"comm/choice/{n}": v for n, v in self.choices().items()})
@@ -317,9 +265,12 @@ class Communicator:
             "choice": dict(self.choice),
             "error": {n: t.detach().cpu().clone() for n, t in self.error.items()},
             "q": {n: t.detach().cpu().clone() for n, t in self.q.items()},
-            "acc": {n: t.detach().cpu().clone() for n, t in self.acc.items()},
+            "acc": {n: t.detach().cpu().clone() for n, t in self._measurement().items()},
             "totals": [self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes],
         }
+
+    def _measurement(self) -> dict[str, torch.Tensor]:
+        return self.lgreco.acc if self.lgreco is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = set(state["choice"]) ^ set(self.choice)
@@ -336,8 +287,13 @@ class Communicator:
                 )
         self.step = int(state["step"])
         self.choice = dict(state["choice"])
-        for key in ("error", "q", "acc"):
-            setattr(self, key, {n: t.to(self.device, copy=True) for n, t in state[key].items()})
+        error, q, acc = (
+            {n: t.to(self.device, copy=True) for n, t in state[key].items()}
+            for key in ("error", "q", "acc")
+        )
+        self.error, self.q = error, q
+        if self.lgreco is not None:
+            self.lgreco.acc = acc
         self.stats.steps, self.stats.total_bytes_sent, self.stats.total_dense_bytes = state[
             "totals"
         ]

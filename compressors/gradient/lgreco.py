@@ -4,16 +4,22 @@ Uniform compression spends bytes where gradients are easy to compress and starve
 are not. Every ``adjust_every`` steps L-GreCo measures, for each layer and candidate parameter, the
 squared error of compressing the layer's recent error-compensated gradient, then picks the plan with
 the fewest bytes whose total error is at most ``alpha`` times that of the uniform reference
-(:mod:`presso.compressors.solver`). Squared errors add across layers (they are pieces of one
+(:mod:`presso.compressors.plan.knapsack`). Squared errors add across layers (they are pieces of one
 gradient vector's squared error), which is what makes the per-layer knapsack the right model.
-This module holds the schedule and the plan; the communicator does the measuring and broadcasting.
+This module holds all of L-GreCo: the schedule, the measurement (the summed local inputs of each
+layer over the last ``measure_steps`` steps, finite ones only) and the re-plan (every worker's
+candidate errors summed, rank 0 solves, the plan broadcast). The communicator only exchanges: it
+hands this module its inputs while measuring and its collectives to re-plan with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from presso.compressors.solver import min_bytes_within_error
+import torch
+
+from presso.compressors.plan.knapsack import min_bytes_within_error
 
 
 @dataclass(frozen=True)
@@ -55,3 +61,70 @@ def plan(
     if ref_error <= budget and ref_bytes <= best.total_bytes:
         return list(reference)
     return best.choice
+
+
+class LGreCo:
+    """L-GreCo's state for one communicator: per-layer candidates and the running measurement."""
+
+    def __init__(self, cfg, family, shapes: dict[str, torch.Size], choice: dict[str, float]):
+        self.cfg, self.family, self.shapes = cfg, family, shapes
+        self.schedule = Schedule(cfg.warmup_steps, cfg.adjust_every, cfg.measure_steps)
+        self.candidates = {
+            n: sorted({family.clamp(shapes[n], c) for c in cfg.candidates()} | {value})
+            for n, value in choice.items()
+        }
+        self.acc: dict[str, torch.Tensor] = {}  # summed local inputs since the last re-plan
+
+    def measure(self, inputs: dict[str, torch.Tensor], ok: dict[str, torch.Tensor]) -> None:
+        """Add this step's local inputs to the next re-plan's measurement (finite ones only)."""
+        for n, x in inputs.items():
+            add = torch.where(ok[n], x, torch.zeros_like(x))
+            self.acc[n] = self.acc[n] + add if n in self.acc else add
+
+    def replan(
+        self,
+        choice: dict[str, float],
+        all_reduce: Callable[[torch.Tensor], torch.Tensor],
+        broadcast: Callable[[torch.Tensor], None],
+        rank: int,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """Measure every candidate on the summed inputs, let rank 0 solve, broadcast the plan;
+        returns the new choice per layer. ``all_reduce`` and ``broadcast`` are the
+        communicator's byte-counting collectives."""
+        layers = list(choice)
+        width = max(len(self.candidates[n]) for n in layers)
+        table = torch.zeros(len(layers), width + 1, dtype=torch.float64)  # last column: measured
+        for i, n in enumerate(layers):
+            if n in self.acc and self.acc[n].any():  # all zero: nothing measured, no information
+                grad = self.acc[n].view(self.shapes[n]).cpu()
+                errors = self.family.errors(grad, self.candidates[n])
+                table[i, : len(errors)] = torch.tensor(errors, dtype=torch.float64)
+                table[i, -1] = 1
+        table = all_reduce(table.to(device)).cpu()  # every worker's errors, summed
+        picks = torch.zeros(len(layers), dtype=torch.int64)
+        if rank == 0:
+            picks = torch.tensor(self._solve(choice, table))
+        picks = picks.to(device)
+        broadcast(picks)
+        self.acc.clear()
+        return {n: self.candidates[n][k] for n, k in zip(layers, picks.tolist())}
+
+    def _solve(self, choice: dict[str, float], table: torch.Tensor) -> list[int]:
+        """Candidate index per layer; a layer no worker measured keeps its current choice."""
+        default = self.cfg.default()
+        sizes, errors, reference, pinned = [], [], [], []
+        for i, n in enumerate(choice):
+            cands = self.candidates[n]
+            pinned.append(table[i, -1] == 0)
+            if pinned[-1]:
+                cands = [choice[n]]
+            sizes.append([self.family.payload_bytes(self.shapes[n], c) for c in cands])
+            errors.append([0.0] if pinned[-1] else table[i, : len(cands)].tolist())
+            ref = self.family.clamp(self.shapes[n], default)
+            reference.append(cands.index(ref) if ref in cands else 0)
+        best = plan(sizes, errors, reference, self.cfg.alpha)
+        return [
+            self.candidates[n].index(choice[n]) if pin else k
+            for n, pin, k in zip(choice, pinned, best)
+        ]

@@ -1,5 +1,6 @@
-"""The optimizer's config (``train.optimizer`` in a job) and the argument checks it shares with the
-optimizer classes, so a bad value fails the same way from YAML and from a notebook."""
+"""The optimizer's config (``train.optimizer`` in a job), the registry of optimizers it selects
+from, and the argument checks it shares with the optimizer classes, so a bad value fails the same
+way from YAML and from a notebook."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from dataclasses import dataclass, field
 
 from presso import ConfigError
 from presso.compressors.optim.quant8 import CODES
+from presso.compressors.registry import Registry
 
-OPTIMIZERS = ("adamw", "galore", "galore8bit", "gradnormlorp", "gradnormlorp8bit")
+# Every entry shares OptimizerConfig's settings; its builder is registered by optim.build.
+OPTIMIZERS = Registry("optimizer", ("presso.compressors.optim.build",))
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("exact", "randomized")
 SWITCH_POLICIES = ("keep", "reset", "reproject")
@@ -64,7 +67,7 @@ def check_adam_args(
 class OptimizerConfig:
     """Which optimizer trains the model, and its low-rank settings (ignored by ``adamw``)."""
 
-    # adamw | galore | galore8bit | gradnormlorp | gradnormlorp8bit
+    # adamw | galore | galore8bit | gradnormlorp | gradnormlorp8bit | galore_torch (peer)
     name: str = "adamw"
     # learning rate
     lr: float = 1e-3
@@ -98,7 +101,7 @@ class OptimizerConfig:
     exclude: list[str] = field(default_factory=lambda: ["*lm_head", "*embed*"])
 
     def validate(self, prefix: str) -> None:
-        _one_of(f"{prefix}.name", self.name, OPTIMIZERS)
+        _one_of(f"{prefix}.name", self.name, tuple(OPTIMIZERS.names()))
         check_adam_args(
             prefix, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
         )
@@ -115,10 +118,6 @@ class OptimizerConfig:
         )
         if not self.modules:
             raise ConfigError(f"{prefix}.modules: must list at least one pattern (e.g. ['*'])")
-
-    @property
-    def low_rank(self) -> bool:
-        return self.name != "adamw"
 
     @property
     def eight_bit(self) -> bool:

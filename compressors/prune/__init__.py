@@ -1,3 +1,1 @@
-"""Weight pruners and sparse formats; importing this package registers them by name."""
-
-from presso.compressors.prune import formats, magnitude, sparsegpt, wanda  # noqa: F401
+"""Weight pruners (magnitude, Wanda, SparseGPT) and the masks they share."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from presso.compressors.prune.formats import SparseWeight, sparse_record
+from presso.compressors.formats.sparse import SparseWeight, sparse_record
 from presso.compressors.prune.masks import PruneSettings, prune_mask
 from presso.compressors.registry import register
 

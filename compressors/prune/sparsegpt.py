@@ -1,6 +1,6 @@
 """SparseGPT: prune with Optimal Brain Surgeon updates, optionally quantizing in the same sweep.
 
-The sweep is :func:`presso.compressors.obs.obs_sweep`: each pruned (or rounded) column's error
+The sweep is :func:`presso.compressors.ptq.obs.obs_sweep`: each pruned (or rounded) column's error
 is moved onto the columns not yet fixed, so the surviving weights compensate for the removed
 ones. Which weights to remove is chosen lazily, from the compensated weights: for unstructured
 sparsity once per block of columns, by the OBS saliency ``w² / [H⁻¹]ⱼⱼ`` (ranked as
@@ -22,17 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
-from presso.compressors.calibration import HessianStats
-from presso.compressors.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
-from presso.compressors.prune.formats import (
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.formats.sparse import (
     Sparse24QuantizedWeight,
     SparseQuantizedWeight,
     SparseWeight,
     sparse_record,
 )
 from presso.compressors.prune.masks import PruneSettings, keep_top, nm_mask
-from presso.compressors.quant.base import GridSettings, QuantizedWeight, resolve_group_size
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
 from presso.compressors.quant.gptq import GridRounder
+from presso.compressors.quant.primitives import GridSettings, resolve_group_size
 from presso.compressors.registry import check_range, register
 
 

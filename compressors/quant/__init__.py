@@ -1,3 +1,1 @@
-"""Weight quantizers; importing this package registers them by name."""
-
-from presso.compressors.quant import adadim, awq, gptq, rtn, spqr, spqr_format  # noqa: F401
+"""Weight quantizers (RTN, GPTQ, AWQ, SpQR, AdaDim) and the grid arithmetic they share."""

@@ -19,43 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from presso import ConfigError, UnsupportedError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.quant.base import PER_CHANNEL, GridSettings, QuantizedWeight
+from presso.compressors.formats.quantized import InputChannelQuantizedWeight, QuantizedWeight
+from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.quant.gptq import GPTQ, gptq_quantize
+from presso.compressors.quant.primitives import PER_CHANNEL, GridSettings
 from presso.compressors.quant.rtn import RTN
-from presso.compressors.record_linear import RecordLinear
-from presso.compressors.registry import check_range, register, register_format
-
-
-@register_format
-@dataclass
-class InputChannelQuantizedWeight:
-    """A weight quantized with groups along its output rows, kept as its transpose's record."""
-
-    transposed: QuantizedWeight  # the record of Wᵀ [K, N]
-
-    format = "presso-pack-quantized-ic"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        k, n = self.transposed.shape
-        return n, k
-
-    def dequantize(self) -> torch.Tensor:
-        return self.transposed.dequantize().T
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return self.transposed.tensors()
-
-    def scheme(self) -> dict:
-        return {**self.transposed.scheme(), "grouping": "input_channel"}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], scheme: dict):
-        return cls(QuantizedWeight.from_tensors(t, scheme))
-
-    def module(self, bias: torch.Tensor | None) -> torch.nn.Module:
-        return RecordLinear(self, bias)
+from presso.compressors.registry import check_range, register
 
 
 def _fits(width: int, group_size: int) -> bool:

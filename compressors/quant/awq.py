@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from presso.compressors.calibration import ActivationStats
-from presso.compressors.quant.base import (
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.ptq.calibration import ActivationStats
+from presso.compressors.quant.primitives import (
     GridSettings,
-    QuantizedWeight,
     dequantize,
     fit_grid,
     quantize,

@@ -1,6 +1,6 @@
 """GPTQ: round one input column at a time and let the later columns absorb its error.
 
-The maths is :func:`presso.compressors.obs.obs_sweep` with a column rule that rounds to the
+The maths is :func:`presso.compressors.ptq.obs.obs_sweep` with a column rule that rounds to the
 group's grid. Grids are fitted when the sweep reaches a group's first column, on the weights as
 compensated so far. With ``act_order`` the columns are solved in decreasing order of their
 Hessian diagonal (the most active inputs first, while the most columns remain to absorb their
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from presso.compressors.calibration import HessianStats
-from presso.compressors.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
-from presso.compressors.quant.base import (
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
+from presso.compressors.quant.primitives import (
     GridSettings,
-    QuantizedWeight,
     code_range,
     dequantize,
     fit_grid,

@@ -6,13 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from presso.compressors.quant.base import (
-    GridSettings,
-    QuantizedWeight,
-    fit_grid,
-    quantize,
-    resolve_group_size,
-)
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.quant.primitives import GridSettings, fit_grid, quantize, resolve_group_size
 from presso.compressors.registry import register
 
 

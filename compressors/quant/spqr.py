@@ -1,6 +1,6 @@
 """SpQR-style quantization: GPTQ with small groups, quantized grids and fp16 outliers.
 
-The sweep is GPTQ's (:func:`presso.compressors.obs.obs_sweep`). When it reaches a group of
+The sweep is GPTQ's (:func:`presso.compressors.ptq.obs.obs_sweep`). When it reaches a group of
 ``group_size`` columns (16 by default) it
 
 1. picks that group's outliers: the weights whose keeping in fp16 lowers the group's
@@ -14,7 +14,7 @@ The sweep is GPTQ's (:func:`presso.compressors.obs.obs_sweep`). When it reaches 
 
 Outliers are stored as fp16 values; the rounding to fp16 is compensated like any other error.
 Zero points are rounded on an integer second-level grid, so the stored layer is a plain
-``pack-quantized`` weight plus a sparse outlier list (see :mod:`.spqr_format`).
+``pack-quantized`` weight plus a sparse outlier list (see :mod:`presso.compressors.formats.spqr`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from presso import UnsupportedError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
-from presso.compressors.quant.base import GridSettings, code_range, grid_from_range
-from presso.compressors.quant.spqr_format import SpQRWeight, quantize_stats
+from presso.compressors.formats.spqr import SpQRWeight, quantize_stats
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
+from presso.compressors.quant.primitives import GridSettings, code_range, grid_from_range
 from presso.compressors.registry import check_range, register
 from presso.kernels.outliers import outliers_from_dense
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from presso.compressors.artifact import save_compressed
-from presso.compressors.integrity import write_manifest
+from presso.compressors.formats.artifact import save_compressed
+from presso.compressors.formats.integrity import write_manifest
 from presso.compressors.quant.rtn import RTN
 from presso.orchestrator.cli import main
 from presso.orchestrator.data import ByteTokenizer

@@ -7,7 +7,7 @@ import torch
 
 import presso
 from presso import IntegrityError
-from presso.compressors.artifact import save_compressed
+from presso.compressors.formats.artifact import save_compressed
 from presso.compressors.quant.rtn import RTN
 
 

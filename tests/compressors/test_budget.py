@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import presso.compressors.budget as budget
 import presso.compressors.gradient.lgreco as lgreco
-import presso.compressors.solver as solver
+import presso.compressors.plan.knapsack as solver
+import presso.compressors.plan.planner as budget
 from presso import ConfigError, UnsupportedError
-from presso.compressors.artifact import save_compressed
-from presso.compressors.budget import (
+from presso.compressors.formats.artifact import save_compressed
+from presso.compressors.plan.candidates import CandidateGrid, measure_layer
+from presso.compressors.plan.planner import (
     BudgetConfig,
     Planner,
     measure_model,
@@ -24,9 +25,8 @@ from presso.compressors.budget import (
     parse_bytes,
     planned_layers,
 )
-from presso.compressors.calibration import HessianStats
-from presso.compressors.candidates import CandidateGrid, measure_layer
-from presso.compressors.ptq import compress_model
+from presso.compressors.ptq.blocks import compress_model
+from presso.compressors.ptq.calibration import HessianStats
 
 
 class _Tokenizer:
@@ -135,7 +135,7 @@ def test_avg_bits_budget_counts_every_stored_byte(planned, tmp_path):
 
 def test_gradient_controller_and_weight_planner_share_one_solver():
     """One knapsack serves both halves of presso: L-GreCo and the budget planner must call the
-    very same functions of presso.compressors.solver, not copies."""
+    very same functions of presso.compressors.plan.knapsack, not copies."""
     assert budget.min_error_within_bytes is solver.min_error_within_bytes
     assert budget.min_bytes_within_error is solver.min_bytes_within_error
     assert lgreco.min_bytes_within_error is solver.min_bytes_within_error

@@ -6,16 +6,12 @@ import pytest
 import torch
 
 import presso
-from presso.compressors.artifact import save_compressed
-from presso.compressors.calibration import HessianStats
-from presso.compressors.lowrank import (
-    LowRank,
-    LowRankLinear,
-    LowRankWeight,
-    spectrum_ranks,
-    whitened_svd,
-)
-from presso.compressors.ptq import compress_model
+from presso.compressors.factor.lowrank import LowRank, spectrum_ranks, whitened_svd
+from presso.compressors.formats.artifact import save_compressed
+from presso.compressors.formats.linear import LowRankLinear
+from presso.compressors.formats.lowrank import LowRankWeight
+from presso.compressors.ptq.blocks import compress_model
+from presso.compressors.ptq.calibration import HessianStats
 
 
 @pytest.fixture(autouse=True)

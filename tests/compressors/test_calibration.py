@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from presso import DataError
-from presso.compressors.calibration import ActivationStats, HessianStats, NormStats
+from presso.compressors.ptq.calibration import ActivationStats, HessianStats, NormStats
 
 MAKERS = [HessianStats.empty, NormStats.empty, lambda k: ActivationStats.empty(k, max_tokens=100)]
 

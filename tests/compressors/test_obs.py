@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from presso import UnsupportedError
-from presso.compressors.obs import inverse_cholesky, obs_sweep
+from presso.compressors.ptq.obs import inverse_cholesky, obs_sweep
 
 
 def _problem(k=24, n=6):

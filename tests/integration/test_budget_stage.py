@@ -6,9 +6,9 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from presso.compressors.artifact_size import ArtifactSizer
-from presso.compressors.budget import min_artifact_bytes
-from presso.compressors.candidates import CandidateGrid
+from presso.compressors.formats.artifact_size import ArtifactSizer
+from presso.compressors.plan.candidates import CandidateGrid
+from presso.compressors.plan.planner import min_artifact_bytes
 from presso.orchestrator.config import load_config
 from presso.orchestrator.data import ByteTokenizer
 from presso.orchestrator.pipeline import run_pipeline

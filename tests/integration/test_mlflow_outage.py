@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from presso.orchestrator.registry import CANDIDATE, CHAMPION, PPL_TAG
+from presso.orchestrator.model_registry import CANDIDATE, CHAMPION, PPL_TAG
 from presso.orchestrator.spool import Spool, find_spools
 
 pytestmark = pytest.mark.integration

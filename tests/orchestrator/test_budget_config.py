@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from presso import ConfigError
-from presso.compressors.budget import Planner, measure_model
-from presso.compressors.candidates import CandidateGrid
+from presso.compressors.plan.candidates import CandidateGrid
+from presso.compressors.plan.planner import Planner, measure_model
 from presso.orchestrator.budget import check_budget, choice_grid
 from presso.orchestrator.config import load_config
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.ptq import Recipe
+from presso.compressors.ptq.calibration import HessianStats, sum_shards
+from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator import compress
 from presso.orchestrator.compress import (
     assign,
@@ -16,7 +16,6 @@ from presso.orchestrator.compress import (
     layer_cost,
     plan_layers,
     run_compression,
-    sum_shards,
 )
 from presso.orchestrator.config import load_config
 

@@ -15,7 +15,13 @@ from mlflow.tracking import MlflowClient
 from presso.orchestrator import delivery
 from presso.orchestrator.config import PressoConfig
 from presso.orchestrator.delivery import Link, sync_all
-from presso.orchestrator.registry import CANDIDATE, CHAMPION, PPL_TAG, apply_alias_policy, promotes
+from presso.orchestrator.model_registry import (
+    CANDIDATE,
+    CHAMPION,
+    PPL_TAG,
+    apply_alias_policy,
+    promotes,
+)
 from presso.orchestrator.spool import Spool, find_spools, is_local, new_local_id
 from presso.orchestrator.tracking import Tracking, plot_curves, register_model, run_tags
 

@@ -2,13 +2,17 @@
 L-GreCo's schedule and exact resume from a state dict."""
 
 import io
+import math
 import os
 import socket
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -153,15 +157,15 @@ def test_lgreco_measures_only_finite_steps():
     assert len(record) == 2  # one per step
     assert comm.choices() == {"0.weight": 2.0, "2.weight": 2.0, "4.weight": 2.0}
     _step(ddp, comm, opt, gen)
-    snapshot = {n: t.clone() for n, t in comm.acc.items()}
+    snapshot = {n: t.clone() for n, t in comm.lgreco.acc.items()}
 
     def acc_unchanged():
-        assert snapshot.keys() == comm.acc.keys()
-        assert all(torch.equal(snapshot[n], comm.acc[n]) for n in snapshot)
+        assert snapshot.keys() == comm.lgreco.acc.keys()
+        assert all(torch.equal(snapshot[n], comm.lgreco.acc[n]) for n in snapshot)
 
     with pytest.warns(RuntimeWarning, match="non-finite"):
         _step(ddp, comm, opt, gen, poison=True, before_end=acc_unchanged)  # then re-plans
-    assert not comm.acc and all(torch.isfinite(t).all() for t in comm.error.values())
+    assert not comm.lgreco.acc and all(torch.isfinite(t).all() for t in comm.error.values())
 
 
 def test_too_large_rank_is_clamped_with_one_warning():
@@ -239,3 +243,51 @@ def test_state_from_another_model_is_refused():
     state["choice"]["3.weight"] = 2
     with pytest.raises(IntegrityError, match="does not match this model"):
         comm.load_state_dict(state)
+
+
+class _Bucket:
+    """What DDP hands a comm hook: one flat buffer and each parameter's gradient as a view of it."""
+
+    def __init__(self, params, grads):
+        self._params = params
+        self._buffer = torch.cat([g.reshape(-1) for g in grads])
+        views = self._buffer.split([g.numel() for g in grads])
+        self._grads = [v.view_as(g) for v, g in zip(views, grads)]
+
+    def buffer(self):
+        return self._buffer
+
+    def parameters(self):
+        return self._params
+
+    def gradients(self):
+        return self._grads
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    density=st.sampled_from([0.01, 0.1, 0.3, 0.9]),
+    steps=st.integers(2, 6),
+)
+def test_error_feedback_matches_an_independent_recurrence(seed, density, steps):
+    """Over several steps a layer must send ``C(g_t + e_t)`` and keep ``e_{t+1} = g_t + e_t -
+    C(g_t + e_t)``, with ``C`` (top-k) computed here from scratch: a residual that is not added
+    back, a sign error, or a buffer that resets or keeps the wrong part breaks the equality."""
+    model = nn.Linear(16, 8, bias=False)
+    cfg = dict(method="uniform", family="topk", density=density, warmup_steps=0, min_numel=16)
+    comm = build_communicator(GradCompressionConfig(**cfg), SimpleNamespace(module=model))
+    gen = torch.Generator().manual_seed(seed)
+    error = torch.zeros(model.weight.numel())
+    for _ in range(steps):
+        grad = torch.randn(model.weight.shape, generator=gen)
+        bucket = _Bucket([model.weight], [grad])
+        comm.communicate(bucket).wait()
+        x = grad.reshape(-1) + error
+        keep = x.abs().topk(max(1, math.ceil(density * x.numel()))).indices
+        sent = torch.zeros_like(x)
+        sent[keep] = x[keep]
+        error = x - sent
+        assert torch.equal(bucket.gradients()[0].reshape(-1), sent)  # a world of one: mean = own
+        assert torch.equal(comm.error["weight"], error)
+        comm.end_step()

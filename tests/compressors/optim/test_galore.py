@@ -9,8 +9,10 @@ from presso.compressors.optim import GaLoreAdamW, OptimizerConfig, build_optimiz
 from presso.compressors.optim.config import OPTIMIZERS
 from presso.compressors.optim.projection import Projection, fit_projection, transport_moments
 
+OWN = [name for name in OPTIMIZERS.names() if name != "galore_torch"]  # not the peer
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+
+@pytest.mark.parametrize("name", OWN)
 def test_each_optimizer_reduces_the_loss(problem, name):
     """Every optimizer the config can name must actually train (the released GradNormLoRP 8-bit
     variant does not even take a step). Rank 16 of 256 is a real low-rank regime."""
@@ -151,7 +153,7 @@ def test_state_bytes_against_adamw():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     ratios, adamw_bytes = {}, None
-    for name in OPTIMIZERS:
+    for name in OWN:
         cfg = OptimizerConfig(name=name, lr=1e-6, rank=128, svd="randomized")
         opt = build_optimizer(cfg, model)
         opt.step()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from presso.compressors.prune.formats import (
+from presso.compressors.formats.sparse import (
     Sparse24QuantizedWeight,
     Sparse24Weight,
     SparseQuantizedWeight,

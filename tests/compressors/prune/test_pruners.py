@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from presso import ConfigError, UnsupportedError
-from presso.compressors.calibration import HessianStats, NormStats
-from presso.compressors.prune.formats import (
+from presso.compressors.formats.sparse import (
     Sparse24QuantizedWeight,
     Sparse24Weight,
     SparseQuantizedWeight,
@@ -14,6 +13,7 @@ from presso.compressors.prune.formats import (
 from presso.compressors.prune.magnitude import Magnitude
 from presso.compressors.prune.sparsegpt import SparseGPT
 from presso.compressors.prune.wanda import Wanda
+from presso.compressors.ptq.calibration import HessianStats, NormStats
 from presso.compressors.quant.rtn import RTN
 from presso.compressors.registry import build
 

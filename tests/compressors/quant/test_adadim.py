@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from presso import UnsupportedError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.quant.adadim import AdaDim, InputChannelQuantizedWeight
-from presso.compressors.quant.base import QuantizedWeight
+from presso.compressors.formats.quantized import InputChannelQuantizedWeight, QuantizedWeight
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.quant.adadim import AdaDim
 
 
 @pytest.fixture

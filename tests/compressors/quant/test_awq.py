@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from presso.compressors.ptq import (
+from presso.compressors.ptq.blocks import (
     Recipe,
     accumulate_stats,
     block_outputs,
     capture_block_inputs,
     compress_model,
-    validate_model,
+    select_layers,
 )
 from presso.compressors.quant.awq import AWQ
 
@@ -41,7 +41,8 @@ def test_scaling_is_an_exact_fold(kv_heads, make_llama):
     torch.set_num_threads(1)
     model = _loud(make_llama(kv_heads=kv_heads, tied=False))
     awq = AWQ(bits=3, group_size=32, clip=False)
-    (prefix, block, linears), _ = validate_model(model, Recipe([awq], awq), ())
+    (prefix, names), _ = select_layers(model, Recipe([awq], awq), ()).blocks
+    block, linears = model.get_submodule(prefix), {n: model.get_submodule(n) for n in names}
     inputs = capture_block_inputs(model, _calib())
     before = block_outputs(block, inputs).hidden
     norm_before = block.input_layernorm.weight.clone()

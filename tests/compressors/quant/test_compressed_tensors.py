@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from presso.compressors.artifact import save_compressed
-from presso.compressors.ptq import compress_model
+from presso.compressors.formats.artifact import save_compressed
+from presso.compressors.ptq.blocks import compress_model
 
 pytest.importorskip("compressed_tensors")
 

@@ -5,9 +5,10 @@ import logging
 import pytest
 import torch
 
-from presso.compressors.calibration import HessianStats
-from presso.compressors.quant.base import QuantizedWeight, fit_grid
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.quant.gptq import GPTQ
+from presso.compressors.quant.primitives import fit_grid
 from presso.compressors.quant.rtn import RTN
 
 

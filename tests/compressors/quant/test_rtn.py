@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from presso import UnsupportedError
-from presso.compressors.quant.base import QuantizedWeight, code_range
+from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.quant.primitives import code_range
 from presso.compressors.quant.rtn import RTN
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from presso import UnsupportedError
-from presso.compressors.calibration import HessianStats
+from presso.compressors.formats.spqr import SpQRWeight
+from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.quant.rtn import RTN
 from presso.compressors.quant.spqr import SpQR
-from presso.compressors.quant.spqr_format import SpQRWeight
 
 
 @pytest.fixture

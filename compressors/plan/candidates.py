@@ -7,7 +7,7 @@ A layer of ``N`` outputs and ``K`` inputs is offered (a :class:`CandidateGrid` s
 - **pruned**: a pattern (``2:4`` or ``unstructured`` at ``sparsity``), with the kept values in
   fp16 or on a grid (joint prune + quantize, e.g. 2:4 + W4);
 - **low-rank**: ranks read off the layer's whitened singular-value spectrum
-  (:mod:`presso.compressors.lowrank`), ``US`` and ``V`` in fp16;
+  (:mod:`presso.compressors.factor.lowrank`), ``US`` and ``V`` in fp16;
 - **dense**: the layer stays as it is.
 
 **Bytes** come from the shape alone (:meth:`Candidate.tensor_specs`): the exact tensors a stored
@@ -19,7 +19,7 @@ checked before any calibration. The tests hold them equal to what ``save_compres
 report), where ``Δ`` is the error of the data-free version of the candidate: round-to-nearest for
 grids, magnitude masks for pruning. The low-rank factors are already the output-optimal ones.
 By default (``error: loss``) each output's error is weighted by the loss's sensitivity to that
-output (:func:`~presso.compressors.budget.output_sensitivity`), which makes errors of different
+output (:func:`~presso.compressors.plan.planner.output_sensitivity`), which makes errors of different
 layers comparable; unweighted, a small error in an early block's attention outputs looks cheap
 though every later block reads it. The planner then solves each chosen setting properly (GPTQ,
 SparseGPT: :meth:`Candidate.solver`), which only lowers the errors; the proxy decides where the
@@ -34,17 +34,17 @@ from dataclasses import dataclass, field
 import torch
 
 from presso import ConfigError
-from presso.compressors.calibration import HessianStats
-from presso.compressors.lowrank import LowRank, spectrum_ranks, whitened_svd
-from presso.compressors.prune.formats import (
+from presso.compressors.factor.lowrank import LowRank, spectrum_ranks, whitened_svd
+from presso.compressors.formats.sparse import (
     Sparse24QuantizedWeight,
     SparseQuantizedWeight,
     sparse_record,
 )
 from presso.compressors.prune.masks import parse_pattern, prune_mask
 from presso.compressors.prune.sparsegpt import SparseGPT
-from presso.compressors.quant.base import PER_CHANNEL
+from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.quant.gptq import GPTQ
+from presso.compressors.quant.primitives import PER_CHANNEL
 from presso.compressors.quant.rtn import RTN
 from presso.compressors.registry import check_range
 
@@ -237,7 +237,7 @@ def output_error(
 ) -> float:
     """``tr(Δ H Δᵀ)``: mean squared output error per token of a weight change (fp32 products);
     with ``row_weights`` ``f``, ``Σᵢ fᵢ (Δ H Δᵀ)ᵢᵢ``: each output's error weighted by how much
-    the loss cares about that output (see :func:`~presso.compressors.budget.output_sensitivity`)."""
+    the loss cares about that output (see :func:`~presso.compressors.plan.planner.output_sensitivity`)."""
     rows = ((delta @ hessian) * delta).sum(1, dtype=torch.float64)
     return float(rows.sum() if row_weights is None else rows @ row_weights.double())
 

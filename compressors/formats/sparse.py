@@ -13,7 +13,7 @@
   ``weight_packed`` holds only the kept weights' codes, row-major, packed into one int32 row;
   ``bitmask`` as above says where they go. A pruned weight is exactly 0.
 
-The layers compute through :class:`~presso.compressors.record_linear.RecordLinear`.
+The layers compute through :class:`~presso.compressors.formats.linear.RecordLinear`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from presso.compressors.quant.base import QuantizedWeight
-from presso.compressors.record_linear import RecordLinear
+from presso.compressors.formats.linear import RecordLinear, Sparse24Linear
+from presso.compressors.formats.quantized import QuantizedWeight
 from presso.compressors.registry import register_format
 from presso.kernels.packing import pack_int32, packed_length, unpack_int32
-from presso.kernels.sparse24 import compress_24, decompress_24, sparse24_matmul
+from presso.kernels.sparse24 import compress_24, decompress_24
 
 
 def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
@@ -195,27 +195,3 @@ class Sparse24QuantizedWeight(SparseQuantizedWeight):
 
     def module(self, bias: torch.Tensor | None) -> torch.nn.Module:
         return Sparse24Linear(self.tensors(), self.grid.bits, self.grid.group_size, bias)
-
-
-class Sparse24Linear(torch.nn.Module):
-    """A 2:4 + quantized linear layer computing through ``presso.kernels.sparse24``."""
-
-    def __init__(self, tensors: dict, bits: int, group_size: int, bias=None) -> None:
-        super().__init__()
-        self.bits, self.group_size = bits, group_size
-        self.out_features, self.in_features = (int(v) for v in tensors["weight_shape"])
-        for name in ("weight_values", "weight_positions", "weight_scale", "weight_zero_point"):
-            self.register_buffer(name, tensors.get(name))
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_matmul(
-            x,
-            self.weight_values,
-            self.weight_positions,
-            self.weight_scale,
-            self.weight_zero_point,
-            self.bits,
-            self.group_size,
-            self.bias,
-        )

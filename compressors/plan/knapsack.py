@@ -33,7 +33,7 @@ MAX_CELLS = 10_000  # default grid: 200 layers x 8 candidates x 10k cells solves
 
 
 @dataclass(frozen=True)
-class Plan:
+class KnapsackSolution:
     """One chosen candidate index per layer, and the plan's real totals."""
 
     choice: list[int]
@@ -47,7 +47,7 @@ def min_bytes_within_error(
     max_error: float,
     cell: float | None = None,
     max_cells: int = MAX_CELLS,
-) -> Plan:
+) -> KnapsackSolution:
     """The plan with the fewest total bytes whose total error is at most ``max_error``.
 
     ``sizes[l][k]`` and ``errors[l][k]`` describe candidate ``k`` of layer ``l`` (layers may offer
@@ -73,7 +73,7 @@ def min_error_within_bytes(
     max_bytes: int,
     cell: float | None = None,
     max_cells: int = MAX_CELLS,
-) -> Plan:
+) -> KnapsackSolution:
     """The plan with the least total error whose total size is at most ``max_bytes``.
 
     ``cell`` is the grid step in bytes (default: 1 byte, or slack / ``max_cells`` when the slack
@@ -160,9 +160,9 @@ def _knapsack(objective, cost, budget, cell, max_cells, what, min_cell=0.0) -> n
     return choice
 
 
-def _plan(choice: np.ndarray, size_arr: np.ndarray, err_arr: np.ndarray) -> Plan:
+def _plan(choice: np.ndarray, size_arr: np.ndarray, err_arr: np.ndarray) -> KnapsackSolution:
     rows = np.arange(len(choice))
-    return Plan(
+    return KnapsackSolution(
         choice=[int(k) for k in choice],
         total_bytes=int(size_arr[rows, choice].sum()),
         total_error=math.fsum(err_arr[rows, choice]),

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from presso.compressors.artifact import WEIGHTS, _quantization_config, _tied_duplicates
-from presso.compressors.candidates import Specs
-from presso.compressors.integrity import MANIFEST
+from presso.compressors.formats.artifact import WEIGHTS, _quantization_config, _tied_duplicates
+from presso.compressors.formats.integrity import MANIFEST
+from presso.compressors.plan.candidates import Specs
 
 # safetensors' dtype names, in its sort order (a file lists the last ones first)
 DTYPE_NAMES = {

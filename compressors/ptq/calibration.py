@@ -146,3 +146,17 @@ def weight_error(delta: torch.Tensor, stats=None) -> float:
     if stats is not None:
         return stats.output_error(delta)
     return float((delta.double() ** 2).sum())
+
+
+def sum_shards(parts: list[dict]) -> dict:
+    """Per-layer statistics of data shards summed in shard order. Layers that shared one
+    statistic in a shard (q/k/v see the same input) share one sum."""
+    total, sums = {}, {}
+    for name, first in parts[0].items():
+        if id(first) not in sums:
+            s = first
+            for part in parts[1:]:
+                s = s + part[name]
+            sums[id(first)] = s
+        total[name] = sums[id(first)]
+    return total

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from presso.compressors.formats.linear import SpQRLinear
 from presso.compressors.registry import register_format
 from presso.kernels.outliers import Outliers, outliers_to_dense
 from presso.kernels.packing import pack_int32, unpack_int32
-from presso.kernels.wquant_matmul import dequant_matmul, dequantize_weight
+from presso.kernels.wquant_matmul import dequantize_weight
 
 FP16_TINY = 2.0**-24  # the smallest positive fp16: a scale grid's floor, so scales stay > 0
 
@@ -157,32 +158,3 @@ class SpQRWeight:
 
     def module(self, bias: torch.Tensor | None) -> torch.nn.Module:
         return SpQRLinear(self, bias)
-
-
-class SpQRLinear(torch.nn.Module):
-    """Computes through ``dequant_matmul`` with the statistics expanded once, at load."""
-
-    def __init__(self, record: SpQRWeight, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.bits, self.group_size = record.bits, record.group_size
-        self.out_features, self.in_features = record.shape
-        packed, scale, zero = record.dense_tensors()
-        self.register_buffer("weight_packed", packed)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", zero)
-        for name, t in zip(Outliers._fields, record.outliers):
-            self.register_buffer(f"outlier_{name}", t)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outliers = Outliers(*(getattr(self, f"outlier_{f}") for f in Outliers._fields))
-        return dequant_matmul(
-            x,
-            self.weight_packed,
-            self.weight_scale,
-            self.weight_zero_point,
-            self.bits,
-            self.group_size,
-            self.bias,
-            outliers,
-        )

@@ -4,7 +4,7 @@ A rank-``r`` layer stores ``US`` (``[N, r]``) and ``V`` (``[r, K]``) and compute
 ``y = x Vᵀ (US)ᵀ``: ``r (N + K)`` values instead of ``N K``. The factors minimise the layer's
 output error ``‖X (W - Ŵ)ᵀ‖²`` rather than the weight error: with ``H = XᵀX = M Mᵀ`` the error is
 ``‖(W - Ŵ) M‖_F``, so the best ``Ŵ`` truncates the SVD of the whitened weight ``W M`` and maps it
-back (the idea of SVD-LLM and ASVD). :func:`presso.compressors.obs.inverse_cholesky` already gives
+back (the idea of SVD-LLM and ASVD). :func:`presso.compressors.ptq.obs.inverse_cholesky` already gives
 ``U⁻¹ = M`` for ``H⁻¹ = UᵀU``, dampening included, so whitening is one triangular solve and the
 way back one product. The whitened singular values give every rank's error at once, which is what
 the budget planner reads its rank candidates from (WeLore-style: each layer's own spectrum decides
@@ -16,70 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from presso.compressors.calibration import HessianStats
-from presso.compressors.obs import inverse_cholesky
-from presso.compressors.registry import check_range, register, register_format
+from presso.compressors.formats.lowrank import LowRankWeight
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.obs import inverse_cholesky
+from presso.compressors.registry import check_range, register
 
 FACTOR_DTYPE = torch.float16
-
-
-@register_format
-@dataclass
-class LowRankWeight:
-    """A weight stored as ``US @ V``; the factors are kept in fp16."""
-
-    us: torch.Tensor  # [N, r]
-    v: torch.Tensor  # [r, K]
-
-    format = "presso-lowrank"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.us.shape[0], self.v.shape[1]
-
-    @property
-    def rank(self) -> int:
-        return self.v.shape[0]
-
-    def dequantize(self) -> torch.Tensor:
-        return self.us.float() @ self.v.float()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "weight_us": self.us,
-            "weight_v": self.v,
-            "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
-        }
-
-    def scheme(self) -> dict:
-        return {"format": self.format, "rank": self.rank, "dtype": str(self.us.dtype)[6:]}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], scheme: dict) -> LowRankWeight:
-        return cls(t["weight_us"], t["weight_v"])
-
-    def module(self, bias: torch.Tensor | None) -> torch.nn.Module:
-        return LowRankLinear(self.us, self.v, bias)
-
-
-class LowRankLinear(torch.nn.Module):
-    """``y = x Vᵀ (US)ᵀ + b``: two thin products, never the dense weight."""
-
-    def __init__(self, us: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight_us", us)
-        self.register_buffer("weight_v", v)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(F.linear(x, self.weight_v.to(x.dtype)), self.weight_us.to(x.dtype), bias)
-
-    def extra_repr(self) -> str:
-        (rank, k), n = self.weight_v.shape, self.weight_us.shape[0]
-        return f"in_features={k}, out_features={n}, rank={rank}"
 
 
 @dataclass

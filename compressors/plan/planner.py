@@ -1,7 +1,7 @@
 """Compress a model to a budget: per-layer bits, sparsity or rank, chosen by the shared solver.
 
 The weight-side twin of L-GreCo: measure every layer's error for every candidate setting, then
-let :mod:`presso.compressors.solver` (the same knapsack the gradient controller uses) pick one
+let :mod:`presso.compressors.plan.knapsack` (the same knapsack the gradient controller uses) pick one
 candidate per layer. Errors are weighted by the loss's sensitivity to each layer output
 (:func:`output_sensitivity`), so their sum estimates the loss increase of the whole plan::
 
@@ -17,7 +17,7 @@ low rank) with sequential calibration, like any uniform recipe.
 
 **Whole-artifact byte budgets.** Tensor bytes are exact per candidate; metadata (safetensors
 header, config.json, manifest, tokenizer files) is rendered exactly by
-:class:`~presso.compressors.artifact_size.ArtifactSizer`. A candidate's cost is its tensor bytes
+:class:`~presso.compressors.formats.artifact_size.ArtifactSizer`. A candidate's cost is its tensor bytes
 plus its own header entries; the rest is held back as a reserve. If the exact size of the plan
 still exceeds the budget (schemes differ in length), the reserve grows by the excess and the
 knapsack runs again, so the result never exceeds the budget and its size is known to the byte.
@@ -39,12 +39,13 @@ from decimal import Decimal
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
-from presso.compressors.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
-from presso.compressors.calibration import HessianStats
-from presso.compressors.candidates import Candidate, CandidateGrid, Option, measure_layer
-from presso.compressors.ptq import Recipe, compress_model, model_inputs, validate_model
+from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
+from presso.compressors.plan.candidates import Candidate, CandidateGrid, Option, measure_layer
+from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
+from presso.compressors.ptq.blocks import compress_model, model_inputs, select_layers
+from presso.compressors.ptq.calibration import HessianStats
+from presso.compressors.ptq.recipe import Recipe
 from presso.compressors.registry import check_range
-from presso.compressors.solver import min_bytes_within_error, min_error_within_bytes
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -91,8 +92,8 @@ class BudgetConfig:
 
 def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, torch.nn.Linear]:
     """The decoder-block linears a plan covers, in the order the pipeline solves them."""
-    blocks = validate_model(model, Recipe([], None), ignore)
-    return {name: lin for _, _, linears in blocks for name, lin in linears.items()}
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in select_layers(model, Recipe([], None), ignore).names}
 
 
 @dataclass
@@ -157,7 +158,7 @@ def output_sensitivity(
 
 
 @dataclass
-class MeasureSolver:
+class CandidateMeasurer:
     """A recipe solver that measures instead of compressing: the PTQ pipeline (one process, or
     distributed over workers) then runs one calibration pass with the measurement spread over
     layers like any solve."""
@@ -189,7 +190,7 @@ def measure_model(
     calib_batches = list(calib_batches)  # read twice when weighting by the loss
     if sensitivity is None and grid.error == "loss":
         sensitivity = output_sensitivity(model, calib_batches, ignore)
-    solver = MeasureSolver(grid, sensitivity)
+    solver = CandidateMeasurer(grid, sensitivity)
     records = compress_model(model, [solver], calib_batches, ignore, progress)
     return {name: record.options for name, record in records.items()}
 
@@ -213,7 +214,7 @@ def min_artifact_bytes(
 
 
 @dataclass
-class PlanSolver:
+class PerLayerSolver:
     """A recipe solver giving each layer its planned setting, so the PTQ pipeline (one process
     or distributed) solves a plan like any uniform recipe."""
 
@@ -257,9 +258,9 @@ class BudgetPlan:
         """Planned layers that stay dense: pass them to the pipeline's ``ignore``."""
         return [n for n, o in zip(self.names, self.chosen) if o.format is None]
 
-    def solver(self, damp: float = 0.01) -> PlanSolver:
+    def solver(self, damp: float = 0.01) -> PerLayerSolver:
         choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
-        return PlanSolver(choices, damp)
+        return PerLayerSolver(choices, damp)
 
     def describe(self, top: int | None = None) -> str:
         """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting (the ``top``

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import presso
 from presso import IntegrityError, UnsupportedError
-from presso.compressors.integrity import sealed_folder, verify_manifest
+from presso.compressors.formats.integrity import sealed_folder, verify_manifest
 from presso.compressors.registry import stored_format
 
 WEIGHTS = "model.safetensors"

@@ -1,0 +1,1 @@
+"""Weight factorisation: low-rank layers fitted to their calibration inputs."""
