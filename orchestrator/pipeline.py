@@ -289,7 +289,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     return summary
 
 
-def _kept(plan: Plan, summary: dict) -> str:
+def _kept(plan: Preflight, summary: dict) -> str:
     """What a failed pipeline leaves behind, for the user to go on from."""
     kept = []
     if (plan.out / "ray_train").is_dir():
@@ -407,8 +407,8 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
 
 def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
     import presso
-    from presso.compressors.artifact import folder_bytes
-    from presso.compressors.integrity import replace_folder
+    from presso.compressors.formats.artifact import folder_bytes
+    from presso.compressors.formats.integrity import replace_folder
     from presso.orchestrator.evaluate import perplexity
     from presso.orchestrator.models import is_artifact, model_bytes
     from presso.orchestrator.tracking import register_model
