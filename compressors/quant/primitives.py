@@ -88,7 +88,18 @@ def fit_grid(
     """Min-max grid per group; the scale is rounded to ``scale_dtype`` before use."""
     wg = group_view(w.float(), group_size)
     scale, zero = grid_from_range(wg.amin(-1), wg.amax(-1), bits, symmetric)
-    return _nonzero(scale.to(scale_dtype)), zero
+    return _nonzero(stored_scale(scale, scale_dtype)), zero
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to ``dtype``. Below the dtype's normal range (fp16: 6.1e-5) rounding to
+    nearest can shrink a scale by up to half of itself, or to zero, and the grid would no longer
+    reach the group's largest weights: there a scale that rounded down is rounded up instead."""
+    stored = scale.to(dtype)
+    info = torch.finfo(dtype)
+    short = (stored.float() < scale) & (stored.float() < info.tiny)
+    up = (stored.float() + info.tiny * info.eps).to(dtype)  # one subnormal step up
+    return torch.where(short, up, stored)
 
 
 @dataclass
