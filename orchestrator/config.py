@@ -310,7 +310,10 @@ def validate(cfg: PressoConfig) -> None:
 def _validate_engine(t: TrainConfig) -> None:
     if t.engine not in ("ddp", "deepspeed"):
         raise ConfigError(f"train.engine: expected ddp or deepspeed, got {t.engine!r}")
-    if t.grad_compression.method is Method.galore and not t.optimizer.name.startswith("galore"):
+    if t.grad_compression.method is Method.galore and t.optimizer.name not in (
+        "galore",
+        "galore8bit",
+    ):
         raise ConfigError(
             "train.grad_compression.method: galore all-reduces GaLore's projected gradients; "
             f"it needs train.optimizer.name galore or galore8bit, got {t.optimizer.name}"

@@ -25,15 +25,23 @@ TINY = [
 ]
 
 
+def presso(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI as a subprocess, its output captured as text."""
+    return subprocess.run([PRESSO, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(stderr: str) -> str:
+    """presso's one error line (Ray's forwarded worker logs may come before and after it)."""
+    (line,) = [line for line in stderr.splitlines() if line.startswith("presso: error")]
+    return line
+
+
 @pytest.mark.integration
 def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
     env.pop("RAY_ADDRESS", None)
     args = [*TINY, "run.name=cli-test", f"run.output_dir={tmp_path}"]
-    proc = subprocess.run(
-        [PRESSO, "run", "jobs/quickstart.yaml", *args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = presso("run", "jobs/quickstart.yaml", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout and "registered: cli-test-compressed" in proc.stdout
 
@@ -74,11 +82,8 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
 
     # `presso eval` on the packed artifact prints what it measured.
     artifact = tmp_path / "cli-test" / "compressed"
-    proc = subprocess.run(
-        [PRESSO, "eval", "jobs/quickstart.yaml", *TINY[-2:], f"model.source={artifact}",
-         "run.name=cli-eval", f"run.output_dir={tmp_path}"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    eval_args = [*TINY[-2:], f"model.source={artifact}", "run.name=cli-eval"]
+    proc = presso("eval", "jobs/quickstart.yaml", *eval_args, f"run.output_dir={tmp_path}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
     assert "perplexity" in table and "tokens / s" in table and "MB" in table, table
@@ -95,13 +100,9 @@ def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, t
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "sortie ünï"
     args = [*TINY, "train.max_failures=0", "run.name=cli-fäil-模型", f"run.output_dir={out}"]
-    proc = subprocess.run(
-        [PRESSO, "run", "jobs/quickstart.yaml", *args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = presso("run", "jobs/quickstart.yaml", *args, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    # Ray's own account of the crash (forwarded worker logs) may come before and after it.
-    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("presso: error")]
+    error = error_line(proc.stderr)
     assert error.startswith("presso: error: train: the workers failed after 0 restart(s)"), error
     assert "train.resume_from" in error  # the cause (ActorDiedError, a failed health check) varies
     assert "presso: kept: training checkpoints under" in proc.stderr
@@ -122,12 +123,9 @@ def test_gpus_the_cluster_does_not_have_are_refused_not_awaited(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     args = [*TINY, "train.use_gpu=true", f"run.output_dir={tmp_path}"]
-    proc = subprocess.run(
-        [PRESSO, "run", "jobs/quickstart.yaml", *args],
-        env=env, capture_output=True, text=True, timeout=100,
-    )  # fmt: skip
+    proc = presso("run", "jobs/quickstart.yaml", *args, env=env, timeout=100)
     assert proc.returncode == 1
-    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("presso: error")]
+    error = error_line(proc.stderr)
     assert "asks for 2 CPUs and 2 GPUs, but the Ray cluster has" in error and "0 GPUs" in error
 
 
