@@ -20,8 +20,8 @@ from presso import ClusterError, ConfigError
 from presso.orchestrator.config import PressoConfig, recipe_algorithms
 
 STAGES = ("train", "compress", "eval")
-# The compress stage writes here; the artifact moves to ``compressed/`` once it has been
-# evaluated, so a folder under that name is always a measured artifact.
+# The compress stage writes here; the artifact moves to ``compressed/`` once the stages after it
+# (evaluation, when asked for) have succeeded, so a failed run never leaves one under that name.
 UNVERIFIED = ".compressed.unverified"
 
 
@@ -54,7 +54,7 @@ def ensure_ray(cfg: PressoConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     if address:
         _check_listening(address, cfg.ray.connect_timeout_s)
         ray.init(address=address, logging_level="WARNING")
@@ -70,6 +70,11 @@ def ensure_ray(cfg: PressoConfig) -> None:
             include_dashboard=True,  # Ray Train's state API needs it
             logging_level="WARNING",
         )
+
+
+def ray_address(cfg: PressoConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else $RAY_ADDRESS; None means a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _check_listening(address: str, timeout: float) -> None:
@@ -94,7 +99,7 @@ def wait_for_resources(cfg: PressoConfig, cpus: float, gpus: float, asked_by: st
     Without this check Ray waits forever for resources that will never come."""
     import ray
 
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local = ray_address(cfg) is None
     deadline = time.monotonic() + (0 if local else cfg.ray.resources_timeout_s)
     while True:
         total = ray.cluster_resources()
