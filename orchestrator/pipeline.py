@@ -77,20 +77,44 @@ def ray_address(cfg: PressoConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+# What a gRPC server (Ray's GCS, or its client server) answers first to an HTTP/2 client: a
+# SETTINGS frame. An HTTP/1 server, a database or a closed port answers otherwise or not at all.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _check_listening(address: str, timeout: float) -> None:
-    """Fail in ``timeout`` seconds, not never, when nothing listens at a ``host:port`` address
-    (Ray itself retries the connection without end)."""
+    """Fail in ``timeout`` seconds, not never, unless a gRPC server (Ray's) answers at a
+    ``host:port`` address: Ray itself retries the connection without end, to a closed port and
+    to one where something else listens alike."""
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"ray.address / RAY_ADDRESS {address} is an HTTP address (the dashboard and Jobs API); "
+            "`presso run` joins a cluster at its GCS address, host:6379, or use `presso submit "
+            f"--address {address}` to run the job on the cluster"
+        )
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not port.isdigit():  # "auto" and the like: Ray finds the cluster itself
         return
+    where = f"{address} (waited up to {timeout:g} s, ray.connect_timeout_s)"
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        conn = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         raise ClusterError(
-            f"no Ray cluster answers at {address} ({e.strerror or e}; waited up to {timeout:g} s, "
-            "ray.connect_timeout_s): start one with `ray start --head`, or unset RAY_ADDRESS and "
-            "ray.address to let presso start a local Ray"
+            f"no Ray cluster answers at {where}: {e.strerror or e}; start one with "
+            "`ray start --head`, or unset RAY_ADDRESS and ray.address to let presso start a "
+            "local Ray"
         ) from None
+    with conn:
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            head = conn.recv(9, socket.MSG_WAITALL)
+        except OSError:  # no answer in time, or the connection was reset
+            head = b""
+    if len(head) < 9 or head[3] != 4:
+        raise ClusterError(
+            f"something listens at {where} but it is not a Ray cluster (it does not speak gRPC); "
+            "check the port: a head started with `ray start --head` listens on 6379 by default"
+        )
 
 
 def wait_for_resources(cfg: PressoConfig, cpus: float, gpus: float, asked_by: str) -> None:

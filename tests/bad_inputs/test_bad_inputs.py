@@ -10,6 +10,7 @@ artifacts and checkpoints.
 
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,11 @@ def files(tmp_path_factory, make_llama):
     ckpt = _checkpoint(root / "ckpt", make_llama(**tiny, hidden_size=32))
     tampered = _checkpoint(root / "ckpt_tampered", make_llama(**tiny))
     (tampered / "rank1" / "train.pt").write_bytes(b"not a checkpoint")
-    return {
+    # A port where something listens (the kernel completes the handshake) but never answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    yield {
         "CORPUS": corpus,
         "EMPTY": root / "empty",
         "BINARY_CORPUS": binary,
@@ -99,7 +104,9 @@ def files(tmp_path_factory, make_llama):
         "ARTIFACT_OK": root / "artifact_ok",
         "CKPT": ckpt,
         "CKPT_TAMPERED": tampered,
+        "NOT_RAY": f"127.0.0.1:{silent.getsockname()[1]}",
     }
+    silent.close()
 
 
 def _merge(base: dict, case: dict) -> dict:
