@@ -41,6 +41,12 @@ class StageError(PressoError):
     """A stage failed while running (workers crashed past their restarts); says what was kept."""
 
 
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write that found no space (pyarrow and Ray carry errno 28 only in
+    the message)."""
+    return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
+
+
 def load_compressed(path, device="cpu"):
     """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.formats.artifact``)."""
     from presso.compressors.formats.artifact import load_compressed as _load
@@ -57,5 +63,6 @@ __all__ = [
     "StageError",
     "UnsupportedError",
     "__version__",
+    "disk_full",
     "load_compressed",
 ]

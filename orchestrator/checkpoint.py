@@ -10,6 +10,7 @@ written by the same number of workers; anything else is refused with a message.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -61,13 +62,49 @@ def restore(root: Path, engine, rank: int, world: int) -> int:
     return state["step"]
 
 
-def check_resumable(root: Path, model: torch.nn.Module, world: int) -> None:
-    """Refuse, before training starts, a checkpoint that is incomplete, tampered with, written by
-    another number of workers, or holding another model's parameters."""
+def resolve_resume(root: Path, model: torch.nn.Module, world: int) -> tuple[Path, list[str]]:
+    """The checkpoint ``train.resume_from`` names: ``root`` itself, or the newest complete,
+    verified checkpoint under it (a run's ``ray_train`` folder, or one run's folder in it).
+
+    Damaged checkpoints (a missing rank, a file that fails its checksum) are skipped for the one
+    before them, and named in the returned notes; one written by another number of workers or
+    holding another model is refused, because an older one would be no better. Runs before
+    training starts, so a bad checkpoint costs a second, not a Ray start.
+    """
     if not root.is_dir():
         raise IntegrityError(f"train.resume_from {root}: no such checkpoint folder")
-    for r in range(world):
-        verify_manifest(rank_folder(root, r), what="checkpoint")
+    candidates = _checkpoints_under(root)
+    if not candidates:
+        raise IntegrityError(
+            f"train.resume_from {root}: no checkpoint in it (a checkpoint holds rank0/, rank1/, …)"
+        )
+    skipped = []
+    for folder in candidates:
+        try:
+            for r in range(world):
+                verify_manifest(rank_folder(folder, r), what="checkpoint")
+        except IntegrityError as e:
+            skipped.append(str(e))
+            continue
+        _check_same_run(folder, model, world)
+        return folder, skipped
+    raise IntegrityError(
+        f"train.resume_from {root}: no complete checkpoint"
+        + (f" ({len(skipped)} damaged; the newest: {skipped[0]})" if len(candidates) > 1 else "")
+        + ("" if len(candidates) > 1 else f": {skipped[0]}")
+    )
+
+
+def _checkpoints_under(root: Path) -> list[Path]:
+    """``root`` if it is a checkpoint, else Ray Train's ``checkpoint_<time>`` folders one or two
+    levels below it, newest first (their names sort by time)."""
+    if rank_folder(root, 0).exists() or rank_folder(root, 1).exists():
+        return [root]
+    found = [*root.glob("checkpoint_*"), *root.glob("*/checkpoint_*")]
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def _check_same_run(root: Path, model: torch.nn.Module, world: int) -> None:
     if rank_folder(root, world).exists():
         raise IntegrityError(f"checkpoint {root} was written by more than {world} workers")
     engine_file = rank_folder(root, 0) / "engine.pt"
@@ -93,7 +130,9 @@ def maybe_inject_fault(spec: str | None, step: int, rank: int, markers: Path) ->
     """Test hook: ``spec = "RANK:STEP"`` kills that worker process once, at that step.
 
     A marker file under ``markers`` (the run's storage folder, shared by the workers) makes the
-    fault happen once, so the restarted worker group runs through.
+    fault happen once, so the restarted worker group runs through. The worker first waits out
+    Ray Train's health-check poll (2 s), which is what collects its last report: a worker that
+    dies sooner takes its newest checkpoint with it, and the group restarts from the one before.
     """
     if not spec:
         return
@@ -102,5 +141,6 @@ def maybe_inject_fault(spec: str | None, step: int, rank: int, markers: Path) ->
     if rank == kill_rank and step == kill_step and not marker.exists():
         markers.mkdir(parents=True, exist_ok=True)
         marker.touch()
+        time.sleep(5)
         print(f"presso: fault injection: killing rank {rank} at step {step}", flush=True)
         os._exit(17)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from presso import PressoError
+from presso import PressoError, disk_full
 
 JOB_HELP = "job spec, e.g. jobs/quickstart.yaml (see `presso config show` for every key)"
 OVERRIDES_HELP = (
@@ -58,6 +58,14 @@ def _submit_parser(sub) -> None:
         help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)",
     )
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only on success")
+    p.add_argument(
+        "--lost-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --follow: give up after S seconds without an answer from the cluster "
+        "(default 60)",
+    )
     p.add_argument("--working-dir", metavar="DIR", help="upload DIR (e.g. .) as the job's folder")
     p.add_argument("--pip", action="append", default=[], metavar="PKG", help="install PKG first")
     p.add_argument(
@@ -128,7 +136,7 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("submit: --address (or $RAY_API_SERVER_ADDRESS) is required")
     return submit(
         args.job, args.overrides, args.address, working_dir=args.working_dir,
-        pip=args.pip, env=args.env, follow=args.follow,
+        pip=args.pip, env=args.env, follow=args.follow, lost_after_s=args.lost_after,
     )  # fmt: skip
 
 
@@ -165,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     except PressoError as e:
         print(f"presso: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # OSError, or a library's own error type (safetensors, pyarrow)
+        if not disk_full(e):
+            raise
+        where = getattr(e, "filename", None)
+        print(
+            f"presso: error: no space left on device{f' writing {where}' if where else ''}"
+            "; free space or set run.output_dir to a folder on a larger disk",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("presso: interrupted", file=sys.stderr)
         return 130

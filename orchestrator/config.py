@@ -72,7 +72,8 @@ class TrainConfig:
     eval_batches: int = 8  # val batches per worker per evaluation
     checkpoint_every: int = 100
     max_failures: int = 1  # Ray Train restarts a failed worker group this often, from a checkpoint
-    resume_from: str | None = None  # a checkpoint folder of an earlier run to continue from
+    # an earlier run's checkpoint folder, or a folder of them (its ray_train/): the newest whole one
+    resume_from: str | None = None
     warmup_steps: int = 20  # linear learning-rate warm-up, then cosine decay to 10 % of the peak
     engine: str = "ddp"  # ddp | deepspeed
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

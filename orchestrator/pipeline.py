@@ -66,6 +66,9 @@ def ensure_ray(cfg: PressoConfig) -> None:
         )
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
+            # "local", not None: None joins whatever cluster `ray start` last recorded in
+            # /tmp/ray (even a stopped one), and then refuses num_cpus with a traceback
+            address="local",
             num_cpus=cfg.ray.num_cpus or os.cpu_count(),
             include_dashboard=True,  # Ray Train's state API needs it
             logging_level="WARNING",
@@ -250,7 +253,12 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     else:
         model = models.build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
     if "train" in stages and cfg.train.resume_from:
-        checkpoint.check_resumable(Path(cfg.train.resume_from), model, cfg.train.workers)
+        chosen, skipped = checkpoint.resolve_resume(
+            Path(cfg.train.resume_from), model, cfg.train.workers
+        )
+        for note in skipped:
+            print(f"presso: skipping a damaged checkpoint: {note}", file=sys.stderr, flush=True)
+        cfg.train.resume_from = str(chosen)  # what the run resumes from, as logged
     layers = calibration = None
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore)
@@ -311,11 +319,22 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
         print(f"presso: {_kept(plan, summary)}", file=sys.stderr, flush=True)
         raise
     finally:
-        tracking.summary(summary)
-        tracking.finish(error)
+        _close_tracking(tracking, summary, error)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _close_tracking(tracking, summary: dict, error: BaseException | None) -> None:
+    """Log the summary and end the runs. After a failure, a failure to record it (the disk that
+    filled up holds the MLflow store, say) is reported, never raised over the cause."""
+    for close in (lambda: tracking.summary(summary), lambda: tracking.finish(error)):
+        try:
+            close()
+        except Exception as e:
+            if error is None:
+                raise
+            print(f"presso: could not record the failure in MLflow: {e}", file=sys.stderr)
 
 
 def _kept(plan: Preflight, summary: dict) -> str:
@@ -323,8 +342,8 @@ def _kept(plan: Preflight, summary: dict) -> str:
     kept = []
     if (plan.out / "ray_train").is_dir():
         kept.append(
-            f"training checkpoints under {plan.out / 'ray_train'} (resume with "
-            "train.resume_from=<checkpoint folder>)"
+            f"training checkpoints under {plan.out / 'ray_train'} (continue from the newest "
+            f"with train.resume_from={plan.out / 'ray_train'})"
         )
     if summary.get("artifact") == str(plan.out / "compressed"):
         kept.append(f"the evaluated, unregistered artifact {plan.out / 'compressed'}")

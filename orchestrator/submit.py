@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from presso import ConfigError, PressoError
+from presso import ClusterError, ConfigError, PressoError
 from presso.orchestrator.config import load_config
 
 # Never uploaded with --working-dir: environments, outputs and caches (Ray also honours .gitignore).
@@ -118,20 +118,57 @@ def _client(address: str):
 
 
 async def _print_logs(client, submission_id: str) -> None:
-    async for chunk in client.tail_job_logs(submission_id):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-
-
-def stream_until_done(client, submission_id: str, poll_s: float = 1.0) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
     try:
-        asyncio.run(_print_logs(client, submission_id))
-    except RuntimeError as e:  # the log stream broke; the job itself may still be fine
+        async for chunk in client.tail_job_logs(submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except Exception as e:  # the log stream broke; the job itself may still be fine
         print(f"presso: log stream interrupted ({e}); waiting for the job", file=sys.stderr)
-    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL:
-        time.sleep(poll_s)
-    return status
+
+
+def job_status(address: str, submission_id: str, timeout: float) -> str:
+    """The job's status from the Jobs REST API, each request bounded by ``timeout`` (Ray's own
+    client has none, so a head that vanishes without closing its sockets would hang it)."""
+    import requests
+
+    url = address if "://" in address else f"http://{address}"
+    r = requests.get(f"{url}/api/jobs/{submission_id}", headers=auth_headers(), timeout=timeout)
+    r.raise_for_status()
+    return r.json()["status"]
+
+
+async def follow_job(
+    client, address: str, submission_id: str, lost_after_s: float, poll_s: float = 1.0
+) -> str:
+    """Stream the job's logs while polling its status; returns the final status, or raises
+    ClusterError once the cluster has not answered for ``lost_after_s`` seconds."""
+    import requests
+
+    logs = asyncio.create_task(_print_logs(client, submission_id))
+    answered = time.monotonic()
+    try:
+        while True:
+            try:
+                status = await asyncio.to_thread(
+                    job_status, address, submission_id, min(10.0, lost_after_s)
+                )
+                answered = time.monotonic()
+                if status in TERMINAL:
+                    await asyncio.wait_for(asyncio.shield(logs), timeout=5)  # the last lines
+                    return status
+            except (requests.RequestException, ValueError, KeyError):
+                if time.monotonic() - answered > lost_after_s:
+                    raise ClusterError(
+                        f"lost the Ray cluster at {address} while following {submission_id}: "
+                        f"no answer for {lost_after_s:g} s (--lost-after); the job's outcome is "
+                        f"unknown — ask `ray job status --address {address} {submission_id}` "
+                        "once the head is back"
+                    ) from None
+            except TimeoutError:  # the final logs did not arrive in time; the status did
+                return status
+            await asyncio.sleep(poll_s)
+    finally:
+        logs.cancel()
 
 
 def submit(
@@ -143,6 +180,7 @@ def submit(
     pip: Sequence[str] = (),
     env: Sequence[str] = (),
     follow: bool = False,
+    lost_after_s: float = 60.0,
 ) -> int:
     """Validate the job locally, submit it, print its submission id; ``follow`` streams its logs.
 
@@ -165,7 +203,7 @@ def submit(
         )
         return 0
     try:
-        status = stream_until_done(client, submission_id)
+        status = asyncio.run(follow_job(client, address, submission_id, lost_after_s))
     except KeyboardInterrupt:
         print(
             f"presso: stopped following; the job goes on (`ray job stop {submission_id}` ends it)",

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from presso import PressoError, StageError
+from presso import PressoError, StageError, disk_full
 from presso.orchestrator import checkpoint
 from presso.orchestrator.config import PressoConfig, TrainConfig, to_dict
 from presso.orchestrator.data import train_batch, windows
@@ -147,12 +147,15 @@ def train_worker(config: dict) -> None:
     model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
     engine = build_engine(model, t, device)
     start = 0
-    if (saved := ray.train.get_checkpoint()) is not None:
+    if (saved := ray.train.get_checkpoint()) is not None:  # this run's, after a restart
         with saved.as_directory() as d:
             start = checkpoint.restore(Path(d), engine, rank, world)
-        if rank == 0:
-            print(f"presso: resumed from the checkpoint at step {start}", flush=True)
-    else:  # the loss before any step: the baseline the curve falls from
+    elif t.resume_from:  # an earlier run's (Ray Train 2 leaves loading it to the loop)
+        start = checkpoint.restore(Path(t.resume_from), engine, rank, world)
+    if start and rank == 0:
+        print(f"presso: resumed from the checkpoint at step {start}", flush=True)
+        log.add({"train/resumed_from_step": start}, start)
+    if start == 0:  # the loss before any step: the baseline the curve falls from
         log.add({"val/loss": _val_loss(model, val_tokens, t, rank, world, device)}, 0)
 
     tokens_per_step = t.batch_size * t.seq_len * world
@@ -232,7 +235,6 @@ def run_training(
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.threads_per_worker},
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -261,10 +263,16 @@ def _training_failure(error: Exception, t: TrainConfig, checkpoints: Path) -> Pr
         if isinstance(cause, PressoError):
             return cause
     cause = causes[0] if causes else error
+    if disk_full(cause):
+        return StageError(
+            f"train: no space left on the device of {checkpoints} while writing a checkpoint; "
+            "free space there or set run.output_dir to a larger disk, then continue from the "
+            f"newest complete checkpoint with train.resume_from={checkpoints}"
+        )
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     what = f"{type(cause).__name__}: {lines[0][:200] if lines else ''}"
     return StageError(
         f"train: the workers failed after {t.max_failures} restart(s) ({what}); checkpoints "
-        f"so far are kept under {checkpoints}: resume with train.resume_from=<checkpoint "
-        "folder>, or allow more restarts with train.max_failures"
+        f"so far are kept under {checkpoints}: continue from the newest with "
+        f"train.resume_from={checkpoints}, or allow more restarts with train.max_failures"
     )

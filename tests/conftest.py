@@ -1,7 +1,15 @@
-"""Shared test settings: quiet telemetry, CUDA-only tests skipped without CUDA, tiny models."""
+"""Shared test settings and fixtures: quiet telemetry, CUDA-only tests skipped without CUDA, tiny
+models, and the real services integration and fault tests start (a local Ray, an `mlflow server`
+on 127.0.0.1)."""
 
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +66,71 @@ def make_llama():
 def tiny_llama():
     """A 2-layer Llama small enough for exact checks in milliseconds."""
     return _make_llama()
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class MlflowServer:
+    """`mlflow server` with a sqlite store and proxied artifacts; stop()/start() for outages."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            stdout=log, stderr=log, start_new_session=True,
+            # MLflow 3.17 also starts job-runner processes presso does not use: slower up and down
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )  # fmt: skip
+        wait_http(f"{self.uri}/health")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process local Ray for the module's tests, shut down afterwards."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -14,7 +14,7 @@ ZERO2 = [*RUN, "train.engine=deepspeed", "train.deepspeed.zero_stage=2"]
 def test_zero2_follows_ddp_and_resumes(local_ray, train_stage, tmp_path):
     _, ddp = train_stage(RUN, "ddp")
     clean, zero = train_stage(ZERO2, "zero2")
-    resumed, _ = train_stage(ZERO2, "zero2-faulty", fault="1:3")
+    resumed, faulty = train_stage(ZERO2, "zero2-faulty", fault="1:3")
     clean, resumed = (load_file(f / "model.safetensors") for f in (clean, resumed))
 
     ddp_loss, zero_loss = ddp.history("train/loss"), zero.history("train/loss")
@@ -24,5 +24,6 @@ def test_zero2_follows_ddp_and_resumes(local_ray, train_stage, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a), (ddp_loss, zero_loss)
     assert zero.history("train/replicas_identical") == [(4, 1.0)]
     assert list((tmp_path / "zero2-faulty").rglob("fault-rank1-step3"))
+    assert faulty.history("train/resumed_from_step") == [(2, 2.0)]  # not from scratch
     diff = max((clean[k] - resumed[k]).abs().max().item() for k in clean)
     assert diff == 0.0, f"resumed ZeRO-2 run differs by {diff}"

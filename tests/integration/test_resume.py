@@ -46,6 +46,8 @@ def test_kill_and_resume_matches_uninterrupted(local_ray, train_stage, tmp_path,
 
     markers = list((tmp_path / "faulty").rglob("fault-rank1-step3"))
     assert len(markers) == 1, "the fault was not injected"
+    # From the checkpoint at step 2, not from scratch (which would end the same, deterministically)
+    assert run.history("train/resumed_from_step") == [(2, 2.0)]
     assert run.history("train/replicas_identical") == [(6, 1.0)]
     diff = max((clean[k] - resumed[k]).abs().max().item() for k in clean)
     print(f"faults injected 1, survived 1, max |param difference| {diff:.3g}")

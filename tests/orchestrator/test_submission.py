@@ -124,8 +124,8 @@ class FakeClient:
     async def tail_job_logs(self, submission_id):
         yield "step 1 loss 5.5\n"
 
-    def get_job_status(self, submission_id):
-        return self.status
+    def job_status(self, address, submission_id, timeout):  # presso asks the REST API itself
+        return self.status.value
 
 
 @pytest.mark.parametrize(("status", "code"), [(JobStatus.SUCCEEDED, 0), (JobStatus.FAILED, 1)])
@@ -133,6 +133,7 @@ def test_follow_exits_with_the_jobs_outcome(monkeypatch, capsys, status, code):
     """Scripts and CI chain on `presso submit --follow`: only a job that succeeded may exit 0."""
     fake = FakeClient(status)
     monkeypatch.setattr(submit, "_client", lambda address: fake)
+    monkeypatch.setattr(submit, "job_status", fake.job_status)
     argv = ["submit", "jobs/quickstart.yaml", "train.steps=5", "--address", "http://h:8265"]
     assert cli.main([*argv, "--follow"]) == code
     out = capsys.readouterr()
