@@ -16,6 +16,11 @@ activations, output); speedup is cuBLAS's time over the kernel's. Writes ``--out
 ``us`` is the CUDA-graph replay time) and prints a
 table.
 
+The kernels are timed as kernels (``backend="triton"``), whatever the dispatcher would pick; the
+speedups also go to ``kernels/measured/<gpu>.json`` (``--table``), the table from which the
+dispatcher decides, on that GPU model, where a kernel pays and where dequantize-then-cuBLAS is
+faster. ``--table-from RESULTS.json`` rebuilds that table from an earlier run's results.
+
 On a machine without CUDA it runs the kernels' correctness sweep under Triton's interpreter and
 says that timings need a GPU.
 
@@ -38,6 +43,7 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 BATCHES = [1, 16, 128]
 GROUP = 128
 DEVICE = "cuda"
+REPO = Path(__file__).resolve().parents[1]
 # HBM bandwidth by device-name fragment, GB/s (vendor figures).
 PEAK_GBPS = [
     ("H200", 4800),
@@ -155,12 +161,12 @@ def gpu_benchmark(args) -> list[dict]:
             io = _nbytes(x) + m * n * 2
             ref = (x.float() @ w.T).half()
             add(m, k, n, "cublas_fp16", partial(linear, x, w16), _nbytes(w16) + io, ref)
-            fn = partial(wq.dequant_matmul, x, wp, scale, zp, 4, GROUP, prepared=prepared)
-            add(m, k, n, "w4a16", fn, prepared_bytes + io, ref)
+            kernel = partial(wq.dequant_matmul, x, wp, scale, zp, 4, GROUP, backend="triton")
+            add(m, k, n, "w4a16", partial(kernel, prepared=prepared), prepared_bytes + io, ref)
             if not args.skip_ct_layout:
-                fn = partial(wq.dequant_matmul, x, wp, scale, zp, 4, GROUP)
-                add(m, k, n, "w4a16_ct", fn, packed_bytes + io, ref)
-            fn = partial(sp.sparse24_matmul, x, values, positions, scale, zp, 4, GROUP)
+                add(m, k, n, "w4a16_ct", kernel, packed_bytes + io, ref)
+            fn = partial(sp.sparse24_matmul, x, values, positions, scale, zp, 4, GROUP,
+                         backend="triton")  # fmt: skip
             add(m, k, n, "w4a16_2of4", fn, sparse_bytes + io, (x.float() @ w24.T).half())
         if (k, n) == SHAPES[0] and not args.skip_crossover:
             for m in (1, 2, 4, 8):
@@ -232,6 +238,27 @@ def cpu_sweep() -> bool:
     return ok
 
 
+TABLE_KERNELS = ("w4a16", "w4a16_ct", "w4a16_2of4")  # what the dispatcher chooses between
+
+
+def write_table(results: dict, folder: Path) -> Path:
+    """The dispatcher's table for this GPU model: each kernel's speedup over cuBLAS fp16 at
+    every measured (M, K, N)."""
+    from presso.kernels.dispatch import device_slug
+
+    speedup: dict[str, list] = {}
+    for r in results["rows"]:
+        if r["kernel"] in TABLE_KERNELS:
+            speedup.setdefault(r["kernel"], []).append([r["M"], r["K"], r["N"], r["speedup"]])
+    meta = {k: results[k] for k in ("device", "torch", "triton", "group_size", "reps")}
+    path = folder / f"{device_slug(results['device'])}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f'  "{kernel}": {json.dumps(rows)}' for kernel, rows in speedup.items()]
+    head = json.dumps(meta, indent=1)[:-2]  # one kernel per line, so diffs stay readable
+    path.write_text(head + ',\n "speedup": {\n' + ",\n".join(lines) + "\n }\n}\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peak-gbps", type=float, help="HBM bandwidth of this GPU, GB/s")
@@ -239,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/kernels.json")
     parser.add_argument("--skip-ct-layout", action="store_true", help="no w4a16_ct rows")
     parser.add_argument("--skip-crossover", action="store_true", help="no GEMV/GEMM batch sweep")
+    parser.add_argument("--table", type=Path, default=REPO / "kernels/measured",
+                        help="folder of the dispatcher's per-GPU tables")  # fmt: skip
+    parser.add_argument("--table-from", type=Path, metavar="RESULTS",
+                        help="only rebuild the table from an earlier --out JSON")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.table_from:
+        print(f"wrote {write_table(json.loads(args.table_from.read_text()), args.table)}")
+        return 0
     if not torch.cuda.is_available():
         ok = cpu_sweep()
         print("\nNo CUDA device: ran the interpreter correctness sweep; GPU timings need a GPU.")
@@ -258,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(device=name, peak_gbps=peak, torch=torch.__version__, triton=triton.__version__,
                 group_size=GROUP, reps=args.reps)  # fmt: skip
     args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {write_table(dict(meta, rows=rows), args.table)}")
     return 0
 
 

@@ -1,5 +1,11 @@
 """Choosing between a Triton kernel and its torch reference.
 
+On a GPU a Triton kernel is used only where ``bench/kernel_speed.py`` measured it faster than
+dequantizing the weight and calling cuBLAS, on that GPU model, for that kernel, batch size and
+shape (the nearest measured ones): the tables are in ``kernels/measured/``, one JSON file per GPU
+model. A GPU without a table gets dequantize-then-cuBLAS; measuring it
+(``python bench/kernel_speed.py``) writes its table.
+
 Triton decides at decoration time whether a ``@triton.jit`` function is compiled for the GPU or run
 by its CPU interpreter (``TRITON_INTERPRET=1``). So the kernels live in private modules that are
 imported only when first needed, through :func:`triton_module`, which re-imports a module whose
@@ -10,7 +16,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import math
 import os
+import re
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -50,3 +60,47 @@ def triton_module(name: str) -> ModuleType:
     if module.INTERPRETED != interpreting():
         module = importlib.reload(module)
     return module
+
+
+MEASURED = Path(__file__).parent / "measured"
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H200"`` → ``"nvidia-h200"``: the table's file name for a GPU model."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.cache
+def measured_table(device_name: str) -> dict | None:
+    """``{kernel: [(M, K, N, speedup over cuBLAS fp16), ...]}`` for this GPU model, or None."""
+    path = MEASURED / f"{device_slug(device_name)}.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text())["speedup"]
+    return {kernel: [tuple(r) for r in entries] for kernel, entries in rows.items()}
+
+
+def measured_speedup(table: dict | None, kernel: str, m: int, k: int, n: int) -> float | None:
+    """The speedup measured for ``kernel`` at the nearest shape (log distance in K and N) and
+    the smallest measured batch at least ``m`` (the largest if none is): kernels gain less as the
+    batch grows, so rounding the batch up never overstates them."""
+    entries = (table or {}).get(kernel)
+    if not entries:
+        return None
+    batches = sorted({e[0] for e in entries})
+    batch = next((b for b in batches if b >= m), batches[-1])
+    at_batch = [e for e in entries if e[0] == batch]
+    nearest = min(at_batch, key=lambda e: abs(math.log(e[1] / k)) + abs(math.log(e[2] / n)))
+    return nearest[3]
+
+
+def triton_pays(kernel: str, x: torch.Tensor, k: int, n: int) -> bool:
+    """On CUDA: whether ``kernel`` was measured faster than dequantize-then-cuBLAS here.
+    Elsewhere (the interpreter on CPU) the question does not arise: True."""
+    if not x.is_cuda:
+        return True
+    m = x.numel() // max(1, x.shape[-1])
+    speedup = measured_speedup(
+        measured_table(torch.cuda.get_device_name(x.device)), kernel, m, k, n
+    )
+    return speedup is not None and speedup > 1.0

@@ -27,9 +27,14 @@ from typing import NamedTuple
 import torch
 
 from presso import UnsupportedError
-from presso.kernels.dispatch import triton_module, use_triton
+from presso.kernels.dispatch import triton_module, triton_pays, use_triton
 from presso.kernels.packing import pack_int32, unpack_int32
-from presso.kernels.wquant_matmul import TRITON_DTYPES, dequantize_weight
+from presso.kernels.wquant_matmul import (
+    TRITON_DTYPES,
+    dense_matmul,
+    dequantize_weight,
+    fp32_matmul,
+)
 
 
 class Sparse24(NamedTuple):
@@ -115,10 +120,7 @@ def sparse24_matmul_reference(
     w = dequantize_24(
         values, positions, weight_scale, weight_zero_point, bits, group_size, x.shape[-1]
     )
-    y = x.float() @ w.T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return fp32_matmul(x, w, bias)
 
 
 def sparse24_matmul(
@@ -130,8 +132,11 @@ def sparse24_matmul(
     bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for a 2:4 compressed ``W``; Triton where available, else the reference."""
+    """``x @ W.T + bias`` for a 2:4 compressed ``W``: the Triton kernel where it runs and (on a
+    GPU) was measured faster, else the weight dequantized and a dense matmul; ``backend`` as in
+    :func:`presso.kernels.wquant_matmul.dequant_matmul`."""
     k = x.shape[-1]
     if k % 4 or positions.shape[-1] != -(-k // 32):
         raise UnsupportedError(
@@ -140,10 +145,14 @@ def sparse24_matmul(
         )
     extra = [t for t in (weight_zero_point, bias) if t is not None]
     supported = bits in (4, 8) and group_size % 4 == 0 and x.dtype in TRITON_DTYPES
-    if not (supported and use_triton(x, values, positions, weight_scale, *extra)):
-        return sparse24_matmul_reference(
-            x, values, positions, weight_scale, weight_zero_point, bits, group_size, bias
-        )
+    if not (
+        backend != "torch"
+        and supported
+        and use_triton(x, values, positions, weight_scale, *extra)
+        and (backend == "triton" or triton_pays(f"w{bits}a16_2of4", x, k, values.shape[0]))
+    ):
+        w = dequantize_24(values, positions, weight_scale, weight_zero_point, bits, group_size, k)
+        return dense_matmul(x, w, bias)
     kernels = triton_module("_sparse24_triton")
     return kernels.sparse24_matmul_triton(
         x, values, positions, weight_scale, weight_zero_point, bits, group_size, bias

@@ -14,7 +14,8 @@ and ``W[n, k] = (q[n, k] - zp[n, k // group_size]) * scale[n, k // group_size]``
 (:mod:`presso.kernels.outliers`) add a sparse fp16 correction to ``W``.
 
 :func:`dequant_matmul` runs the Triton kernels (``_wquant_triton``) for 2, 4 and 8 bits when the
-group size is a multiple of ``32 // bits``, and the torch reference otherwise. Layers that run
+group size is a multiple of ``32 // bits`` and (on a GPU) they were measured faster than cuBLAS
+there, and dequantizes the weight for a dense matmul otherwise. Layers that run
 many times may call :func:`prepare_weight` once at load: it transposes the packed words and scales
 so N is the contiguous dimension, which the kernels read with wider loads.
 """
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from presso import UnsupportedError
-from presso.kernels.dispatch import triton_module, use_triton
+from presso.kernels.dispatch import triton_module, triton_pays, use_triton
 from presso.kernels.outliers import Outliers, outliers_to_dense
 from presso.kernels.packing import packed_length, unpack_int32
 
@@ -98,10 +99,23 @@ def dequant_matmul_reference(
     )
     if outliers is not None:
         w = w + outliers_to_dense(outliers, x.shape[-1])
+    return fp32_matmul(x, w, bias)
+
+
+def fp32_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T + bias`` in fp32, returned in ``x``'s dtype: the references' exact product."""
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The fallback for a dequantized fp32 ``w``: on a GPU in ``x``'s dtype (the half-precision
+    cuBLAS GEMM a dense layer runs), on the CPU the fp32 reference product."""
+    if not x.is_cuda:
+        return fp32_matmul(x, w, bias)
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def check_shapes(
@@ -137,21 +151,33 @@ def dequant_matmul(
     bias: torch.Tensor | None = None,
     outliers: Outliers | None = None,
     prepared: PreparedWeight | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for packed ``W``; Triton where available, else the torch reference.
+    """``x @ W.T + bias`` for packed ``W``: the Triton kernel, or the weight dequantized and a
+    dense matmul (cuBLAS on a GPU; the fp32 reference on the CPU).
 
-    When ``prepared`` (from :func:`prepare_weight`) is given, the Triton path reads it instead of
-    the packed tensors, which the reference (CPU) path keeps reading.
+    ``backend="auto"`` takes the kernel where it runs (CUDA, or the CPU interpreter) and, on a
+    GPU, was measured faster there (``presso.kernels.dispatch``); ``"triton"`` and ``"torch"``
+    force one (benchmarks, tests). When ``prepared`` (from :func:`prepare_weight`) is given, the
+    Triton path reads it instead of the packed tensors.
     """
     check_shapes(x, weight_packed, weight_scale, bits, group_size)
     extra = [t for t in (weight_zero_point, bias) if t is not None]
     if outliers is not None:
         extra += list(outliers)
     supported = bits in TRITON_BITS and group_size % (32 // bits) == 0 and x.dtype in TRITON_DTYPES
-    if not (supported and use_triton(x, weight_packed, weight_scale, *extra)):
-        return dequant_matmul_reference(
-            x, weight_packed, weight_scale, weight_zero_point, bits, group_size, bias, outliers
-        )
+    kernel = f"w{bits}a16" if prepared is not None else f"w{bits}a16_ct"
+    n, k = weight_packed.shape[0], x.shape[-1]
+    if not (
+        backend != "torch"
+        and supported
+        and use_triton(x, weight_packed, weight_scale, *extra)
+        and (backend == "triton" or triton_pays(kernel, x, k, n))
+    ):
+        w = dequantize_weight(weight_packed, weight_scale, weight_zero_point, bits, group_size, k)
+        if outliers is not None:
+            w = w + outliers_to_dense(outliers, k)
+        return dense_matmul(x, w, bias)
     kernels = triton_module("_wquant_triton")
     if prepared is not None:
         return kernels.dequant_matmul_triton(x, *prepared, bits, group_size, bias, outliers)

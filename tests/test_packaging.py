@@ -25,6 +25,8 @@ def test_wheel_contains_every_subpackage_and_job(tmp_path):
         for module in (ROOT / folder).rglob("*.py"):
             expected.add("presso/" + str(module.relative_to(ROOT)))
     expected |= {f"presso/jobs/{p.name}" for p in (ROOT / "jobs").glob("*.yaml")}
+    # the dispatcher's measured tables: without them an installed presso never uses a kernel
+    expected |= {f"presso/kernels/measured/{p.name}" for p in (ROOT / "kernels/measured").glob("*")}
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith(("presso/tests/", "presso/bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
