@@ -120,6 +120,22 @@ def _check_listening(address: str, timeout: float) -> None:
         )
 
 
+def check_resources(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
+    """Every stage's request, before the first stage starts: compression workers the cluster can
+    never hold must not be found after an hour of training."""
+    t = cfg.train
+    if "train" in stages:
+        wait_for_resources(
+            cfg,
+            t.workers * t.threads_per_worker,
+            t.workers if t.use_gpu else 0,
+            "train.workers × train.threads_per_worker"
+            + (" (train.use_gpu: one GPU each)" if t.use_gpu else ""),
+        )
+    if "compress" in stages:
+        wait_for_resources(cfg, cfg.compress.workers, 0, "compress.workers (one CPU each)")
+
+
 def wait_for_resources(cfg: PressoConfig, cpus: float, gpus: float, asked_by: str) -> None:
     """Wait up to ``ray.resources_timeout_s`` until the cluster holds ``cpus`` and ``gpus`` in
     all (an autoscaler may add nodes); a local Ray cannot grow, so it is refused at once.
@@ -303,6 +319,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
         flush=True,
     )
     ensure_ray(cfg)
+    check_resources(cfg, plan.stages)
     tracking = Tracking(cfg)
     parent = tracking.start()
     summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
@@ -366,14 +383,6 @@ def _train(cfg, plan: Preflight, tracking, summary) -> Path:
     from presso.orchestrator.tracking import plot_curves
     from presso.orchestrator.train import run_training
 
-    t = cfg.train
-    wait_for_resources(
-        cfg,
-        t.workers * t.threads_per_worker,
-        t.workers if t.use_gpu else 0,
-        "train.workers × train.threads_per_worker"
-        + (" (train.use_gpu: one GPU each)" if t.use_gpu else ""),
-    )
     run = tracking.stage("train")
     tick = time.perf_counter()
     folder = run_training(cfg, plan.corpus, plan.vocab_size, plan.source, run, plan.out)

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from presso import PressoError
+from presso import ClusterError, PressoError
 
 
 @dataclass
@@ -63,9 +63,11 @@ class WorkerPool:
         import ray
 
         cpus = ray.cluster_resources().get("CPU", 0)
-        if cpus < size:  # each worker holds a CPU: the others would wait (for an autoscaler)
-            print(f"presso: {size} compression workers but {cpus:g} CPUs in the Ray cluster; "
-                  "workers beyond them start only when CPUs free up", flush=True)  # fmt: skip
+        if cpus < size:  # each worker holds a CPU until the pool closes: the rest would never start
+            raise ClusterError(
+                f"compress.workers: {size} compression workers, but the Ray cluster has "
+                f"{cpus:g} CPUs (each worker holds one); ask for at most {cpus:g}"
+            )
         fault = _fault(os.environ.get("PRESSO_INJECT_COMPRESS_FAULT"))
         self.cls = _actor_class()
         self.threads = threads

@@ -118,15 +118,26 @@ def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, t
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_gpus_the_cluster_does_not_have_are_refused_not_awaited(tmp_path):
-    """Ray Train would wait forever for a GPU that no node has: presso refuses at once."""
+@pytest.mark.parametrize(
+    ("ask", "expect"),
+    [
+        ("train.use_gpu=true", "train.workers × train.threads_per_worker (train.use_gpu: one "
+         "GPU each): asks for 2 CPUs and 2 GPUs, but the Ray cluster has 2 CPUs and 0 GPUs"),
+        ("compress.workers=3", "compress.workers (one CPU each): asks for 3 CPUs and 0 GPUs, but "
+         "the Ray cluster has 2 CPUs"),
+    ],
+    ids=["gpus", "compression-workers"],
+)  # fmt: skip
+def test_resources_the_cluster_does_not_have_are_refused_not_awaited(tmp_path, ask, expect):
+    """Ray would wait forever for a GPU that no node has, and compression actors beyond the CPUs
+    never start (each holds its CPU): presso refuses at once, before training — not after it."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
-    args = [*TINY, "train.use_gpu=true", f"run.output_dir={tmp_path}"]
+    args = [*TINY, "ray.num_cpus=2", ask, f"run.output_dir={tmp_path}"]
     proc = presso("run", "jobs/quickstart.yaml", *args, env=env, timeout=100)
     assert proc.returncode == 1
-    error = error_line(proc.stderr)
-    assert "asks for 2 CPUs and 2 GPUs, but the Ray cluster has" in error and "0 GPUs" in error
+    assert expect in error_line(proc.stderr)
+    assert not list(tmp_path.rglob("ray_train")), "a stage started"
 
 
 def test_config_error_is_one_line_and_starts_nothing():
