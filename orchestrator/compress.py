@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from presso import DataError, UnsupportedError
+from presso.compressors.ptq.architectures import Architecture
 from presso.compressors.ptq.blocks import (
     BlockInputs,
     BlockLayers,
@@ -54,10 +55,16 @@ class CompressResult:
     wall_s: float = 0.0
 
 
-def plan_layers(model: torch.nn.Module, recipe: Recipe, ignore: Iterable[str]) -> BlockLayers:
+def plan_layers(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    ignore: Iterable[str],
+    architecture: Architecture | None = None,
+) -> BlockLayers:
     """Every layer checked against every recipe step before any work starts (e.g. a group size
-    that does not divide a layer's width); weighted modules of other types are listed once."""
-    plan = select_layers(model, recipe, ignore)
+    that does not divide a layer's width); weighted modules of other types are listed once.
+    ``architecture``: the model type's registered description unless given."""
+    plan = select_layers(model, recipe, ignore, architecture)
     if not plan.names:
         raise UnsupportedError(
             f"compress.ignore {list(ignore)} leaves no nn.Linear layer to compress in this model"

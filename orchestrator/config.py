@@ -52,6 +52,9 @@ class ScratchModelConfig:
 class ModelConfig:
     source: str = "scratch"  # scratch | smollm2 | path to a Hugging Face model folder
     scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    # Only for a model type presso does not describe (presso.compressors.ptq.architectures):
+    # {blocks: model.layers, groups: [[input_layernorm, [self_attn.q_proj, ...]], ...]}
+    architecture: dict[str, Any] | None = None
 
 
 @dataclass
@@ -297,6 +300,7 @@ def validate(cfg: PressoConfig) -> None:
     from presso.compressors.ptq import Recipe
 
     recipe = Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
+    model_architecture(cfg)
     c.candidates.validate("compress.candidates")
     if c.budget is not None:
         c.budget.validate("compress.budget")
@@ -346,6 +350,16 @@ def recipe_algorithms(cfg: PressoConfig) -> list:
             raise ConfigError(f"{prefix}.{name}: expected a mapping of settings, got {params!r}")
         steps.append(build(name, params or {}, prefix))
     return steps
+
+
+def model_architecture(cfg: PressoConfig):
+    """The job's own architecture description, or None to use the model type's."""
+    from presso.compressors.ptq.architectures import Architecture
+
+    d = cfg.model.architecture
+    return (
+        None if d is None else Architecture.from_dict(OmegaConf.to_container(OmegaConf.create(d)))
+    )
 
 
 def to_yaml(cfg: PressoConfig) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presso import ClusterError, ConfigError
-from presso.orchestrator.config import PressoConfig, recipe_algorithms
+from presso.orchestrator.config import PressoConfig, model_architecture, recipe_algorithms
 
 STAGES = ("train", "compress", "eval")
 # The compress stage writes here; the artifact moves to ``compressed/`` once the stages after it
@@ -229,7 +229,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         checkpoint.check_resumable(Path(cfg.train.resume_from), model, cfg.train.workers)
     layers = calibration = None
     if recipe is not None:
-        layers = plan_layers(model, recipe, cfg.compress.ignore)
+        layers = plan_layers(model, recipe, cfg.compress.ignore, model_architecture(cfg))
         if cfg.compress.budget is not None:
             check_budget(cfg, model, tokenizer)
         if recipe.needs_data:

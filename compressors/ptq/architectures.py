@@ -25,12 +25,13 @@ positively homogeneous activation (OPT's fc1 → ReLU → fc2).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from presso import UnsupportedError
+from presso import ConfigError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,19 @@ class Architecture:
         groups = tuple((prev, tuple(names)) for prev, names in self.groups)
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "no_clip", tuple(self.no_clip))
+
+    @classmethod
+    def from_dict(cls, d: dict, prefix: str = "model.architecture") -> Architecture:
+        """A description from a job file's mapping; unknown or missing keys fail naming them."""
+        keys = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - keys)
+        if unknown or "blocks" not in d:
+            what = f"unknown keys {unknown}" if unknown else "blocks is required"
+            raise ConfigError(f"{prefix}: {what}; the keys are {sorted(keys)}")
+        groups = d.get("groups") or []
+        if any(not isinstance(g, Sequence) or len(g) != 2 or isinstance(g, str) for g in groups):
+            raise ConfigError(f"{prefix}.groups: expected [[producer, [linear, ...]], ...]")
+        return cls(**d)
 
     def find_blocks(self, model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
         """``(path, blocks)``; raises when the model does not have them where declared."""
@@ -149,7 +163,8 @@ ARCHITECTURES: dict[str, Architecture | Callable[[object], Architecture]] = {
 HOW_TO_DESCRIBE = (
     "describe it with presso.compressors.ptq.architectures.Architecture(blocks=<path of the "
     "nn.ModuleList of decoder blocks>, groups=[(<norm or linear>, [<linears reading its "
-    "output>]), ...]) and pass it as architecture=..., or register it for its model_type with "
+    "output>]), ...]) and pass it as architecture=... (in a job file: model.architecture: "
+    "{blocks: ..., groups: [...]}), or register it for its model_type with "
     "register_architecture(<model_type>, <description>) (see the README, 'Other architectures')"
 )
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import presso
-from presso import UnsupportedError
+from presso import ConfigError, UnsupportedError
 from presso.compressors.formats.artifact import save_compressed
 from presso.compressors.ptq.architectures import (
     LLAMA,
@@ -199,3 +199,17 @@ def test_a_description_can_be_passed_or_registered():
         from presso.compressors.ptq.architectures import ARCHITECTURES
 
         del ARCHITECTURES["mything"]
+
+
+def test_a_job_file_description_is_checked_like_any_config():
+    """``model.architecture`` in a job file becomes the same description; a misspelt key or a
+    malformed group fails naming the key, before any work."""
+    d = {"blocks": "model.layers", "groups": [["input_layernorm", ["self_attn.q_proj"]]]}
+    arch = Architecture.from_dict(d)
+    assert arch.groups == (("input_layernorm", ("self_attn.q_proj",)),)
+    with pytest.raises(ConfigError, match=r"model.architecture: unknown keys \['group'\]"):
+        Architecture.from_dict({"blocks": "model.layers", "group": []})
+    with pytest.raises(ConfigError, match="model.architecture.groups"):
+        Architecture.from_dict({"blocks": "model.layers", "groups": [["input_layernorm"]]})
+    with pytest.raises(ConfigError, match="blocks is required"):
+        Architecture.from_dict({"groups": []})
