@@ -64,8 +64,13 @@ class AdaDim(GridSettings):
             if self.method == "rtn":
                 out.append(RTN(self.bits, self.group_size, self.symmetric).compress(weight))
             else:
-                gptq = GPTQ(
-                    self.bits, self.group_size, self.symmetric, self.damp, blocksize=self.blocksize
+                gptq = GPTQ(  # in input order, like the input-channel candidate below
+                    self.bits,
+                    self.group_size,
+                    self.symmetric,
+                    self.damp,
+                    act_order=False,
+                    blocksize=self.blocksize,
                 )
                 out.append(gptq.compress(weight, stats, name))
         if _fits(n, self.group_size):
