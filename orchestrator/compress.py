@@ -221,7 +221,8 @@ def run_compression(
     threads: int = 1,
     plan: BlockLayers | None = None,
 ) -> CompressResult:
-    """The compress stage on a copy of ``model`` (left untouched) with ``workers`` actors.
+    """The compress stage on a copy of ``model`` (left untouched) with ``workers`` actors, or
+    in this process with ``workers=0`` (the same block loop, :class:`InProcess` steps).
 
     ``recipe`` is a :class:`Recipe`, a list of recipe entries or one algorithm. ``calibration``
     holds the batches of token ids a calibrated recipe needs; ``plan`` the layers, when the
@@ -240,28 +241,29 @@ def run_compression(
         if bar is None:
             print(f"presso: compressed {text}", flush=True)
 
-    pool = WorkerPool(workers, threads)
+    pool = WorkerPool(workers, threads) if workers else None
     try:
         work = copy.deepcopy(model)  # while the actors start
-        records, layers = compress_layers(
-            work,
-            plan,
-            recipe,
-            pool,
-            calibration,
-            shards,
-            on_layer=lambda: bar and bar.update(1),
-            on_block=block_line,
-        )
+        on_layer = lambda *_: bar and bar.update(1)  # noqa: E731
+        if pool:
+            records, layers = compress_layers(
+                work, plan, recipe, pool, calibration, shards, None, on_layer, block_line
+            )
+        else:
+            steps = InProcess(on_layer, shards)  # the pool's sums: the same records
+            records, layers = compress_blocks(
+                work, plan, recipe, steps, calibration, None, block_line
+            )
     finally:
-        pool.close()
+        if pool:
+            pool.close()
         if bar:
             bar.close()
     return CompressResult(
         records={n: records[n] for n in plan.names},
         model=work,
         layers=layers,
-        worker_s=pool.busy_s,
-        reassigned=pool.reassigned,
+        worker_s=pool.busy_s if pool else [time.perf_counter() - start],
+        reassigned=pool.reassigned if pool else 0,
         wall_s=time.perf_counter() - start,
     )

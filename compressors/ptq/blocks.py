@@ -39,7 +39,7 @@ import torch
 
 from presso import DataError
 from presso.compressors.ptq.architectures import Architecture, architecture_of
-from presso.compressors.ptq.calibration import weight_error
+from presso.compressors.ptq.calibration import sum_shards, weight_error
 from presso.compressors.ptq.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -262,13 +262,21 @@ class Steps(Protocol):
 
 @dataclass
 class InProcess:
-    """The steps run here, one after the other; ``progress`` sees each solved layer."""
+    """The steps run here, one after the other; ``progress`` sees each solved layer. With
+    ``shards`` the statistics are summed per shard as the Ray steps sum them, so that the
+    records equal a pool's with as many shards."""
 
     progress: Callable[[LayerReport], None] | None = None
+    shards: int = 1
 
     def stats(self, block, prefix, inputs, make_stats, names):
         linears = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
-        return accumulate_stats(block, inputs, make_stats, linears)
+        count = min(self.shards, len(inputs.hidden))
+        if count <= 1:
+            return accumulate_stats(block, inputs, make_stats, linears)
+        parts = [accumulate_stats(block, inputs.shard(i, count), make_stats, linears)
+                 for i in range(count)]  # fmt: skip
+        return sum_shards(parts)
 
     def solve(self, jobs, block):
         records, reports = {}, []
