@@ -6,6 +6,7 @@ value or an out-of-range setting raises :class:`presso.ConfigError` naming the k
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PressoCon
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     validate(cfg)
+    cfg.compress.recipe = resolved_recipe(cfg)
     return cfg
+
+
+def resolved_recipe(cfg: PressoConfig) -> list[dict]:
+    """The recipe with every setting spelled out (defaults included), for ``presso config
+    show`` and the run's logged params."""
+    return [{a.name: dataclasses.asdict(a)} for a in recipe_algorithms(cfg)]
 
 
 def _positive(prefix: str, **values: int | float) -> None:

@@ -31,7 +31,9 @@ def _fits(width: int, group_size: int) -> bool:
     return group_size == PER_CHANNEL or width % group_size == 0
 
 
-@register("adadim")
+@register(
+    "adadim", "per layer, group along input or output channels, whichever errs less on the data"
+)
 @dataclass
 class AdaDim(GridSettings):
     method: str = "gptq"  # rounding used in both groupings: "rtn" or "gptq"

@@ -111,7 +111,10 @@ def fold_scale(
             lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
 
 
-@register("awq")
+@register(
+    "awq",
+    "scale salient input channels before rounding, fold the scale back, clip (calibrated; a transform)",
+)
 @dataclass
 class AWQ(GridSettings):
     grid: int = 20  # scale exponents α tried, evenly in [0, 1)

@@ -123,7 +123,9 @@ def gptq_quantize(
     return rounder.q, rounder.scale, rounder.zero
 
 
-@register("gptq")
+@register(
+    "gptq", "round one input column at a time, the later columns absorbing its error (calibrated)"
+)
 @dataclass
 class GPTQ(GridSettings):
     damp: float = 0.01  # dampening added to the Hessian diagonal, relative to its mean
