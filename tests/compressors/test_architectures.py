@@ -213,3 +213,37 @@ def test_a_job_file_description_is_checked_like_any_config():
         Architecture.from_dict({"blocks": "model.layers", "groups": [["input_layernorm"]]})
     with pytest.raises(ConfigError, match="blocks is required"):
         Architecture.from_dict({"groups": []})
+
+
+def test_the_readmes_description_of_another_architecture_works(tmp_path):
+    """The README's example description (GPT-NeoX, which presso does not describe itself),
+    taken from the README: its groups fold exactly, and AWQ + GPTQ through it round-trips."""
+    from pathlib import Path
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("gpt_neox = Architecture(")
+    source = readme[start : readme.index("\n)\n", start) + 2]
+    namespace = {"Architecture": Architecture}
+    exec(source, namespace)
+    arch = namespace["gpt_neox"]
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128)  # fmt: skip
+    model = GPTNeoXForCausalLM(config).eval()
+    with pytest.raises(UnsupportedError, match="gpt_neox"):
+        compress_model(copy.deepcopy(model), RECIPES["rtn"])
+    ids = torch.randint(3, VOCAB, (2, 12))
+    folded = copy.deepcopy(model)
+    for block in arch.find_blocks(folded)[1]:
+        for prev, names in arch.groups:
+            lins = [block.get_submodule(n) for n in names]
+            s = torch.rand(lins[0].in_features) + 0.5
+            fold_scale(block.get_submodule(prev), lins, s, arch.norm_offset)
+    with torch.no_grad():
+        assert torch.allclose(folded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    records = compress_model(model, RECIPES["awq+gptq"], calibration(), architecture=arch)
+    save_compressed(model, records, tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(presso.load_compressed(tmp_path / "art")(ids).logits, model(ids).logits)
