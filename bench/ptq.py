@@ -17,7 +17,9 @@ the same records, save the artifact and measure perplexity on the artifact *relo
 disk. Wall seconds cover the whole stage: actor start, calibration, solves.
 
 Peer rows (llm-compressor's ``oneshot``: GPTQModifier W4/W3 g64 symmetric with its default
-static act-order, SparseGPTModifier and WandaPruningModifier at 50 %) run in this process on
+static act-order, SparseGPTModifier and WandaPruningModifier at 50 %, with
+``ignore=["re:.*lm_head"]``: their module names end in a dot, so a plain ``"lm_head"`` would
+not keep the tied head dense as every other row does) run in this process on
 the same model folder, calibration windows and evaluation when ``llmcompressor`` imports
 (``pip install presso[peers]``); otherwise they are skipped with a note. A peer uses torch's
 threads (both cores) in one process; its wall seconds are in ``wall_s_2w``.
@@ -157,8 +159,10 @@ def _peer_modifier(row):
         weights.update(strategy="group", group_size=row.group_size)
         group = {"targets": ["Linear"], "weights": weights}
         return GPTQModifier(config_groups={"group_0": group}, ignore=["lm_head"])
+    # llm-compressor 0.14's pruning modifiers name modules with a trailing dot ("lm_head."):
+    # ignore=["lm_head"] does not match them, and the tied lm_head/embedding would be pruned too
     cls = SparseGPTModifier if row.peer == "sparsegpt" else WandaPruningModifier
-    return cls(sparsity=row.sparsity, mask_structure="0:0", ignore=["lm_head"])
+    return cls(sparsity=row.sparsity, mask_structure="0:0", ignore=["re:.*lm_head"])
 
 
 def compressed_layer_bytes(folder: Path, linears: dict[str, int]) -> tuple[int, int]:
