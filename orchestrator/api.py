@@ -118,21 +118,16 @@ def _batches(calibration, tokenizer, seq_len: int, batch_size: int) -> list | No
 
 
 def text_windows(texts: list[str], tokenizer, seq_len: int, batch_size: int) -> list:
-    """The texts as one token stream cut into windows of ``seq_len`` tokens (fewer when the
-    texts are short), each starting with the tokenizer's BOS where it puts one first: models
-    such as Gemma compute garbage on windows without it."""
-    bos = tokenizer.bos_token_id
-    if bos is None or tokenizer("x").input_ids[:1] != [bos]:
-        bos = None
+    """The texts as one token stream cut into windows of ``seq_len`` tokens (one window of all
+    of them when they are shorter), each led by BOS where the model needs it (``window_bos``)."""
+    from presso.orchestrator.data import window_bos, windows
+
     stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False).input_ids]
-    body = seq_len - (bos is not None)
-    if not stream or body < 1:
+    bos = window_bos(tokenizer)
+    if not stream or seq_len - (bos is not None) < 1:
         raise DataError("calibration: the texts hold no tokens")
-    body = min(body, len(stream))
-    windows = torch.tensor(stream[: len(stream) // body * body]).view(-1, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((len(windows), 1), bos), windows], dim=1)
-    return list(windows.split(batch_size))
+    seq_len = min(seq_len, len(stream) + (bos is not None))
+    return list(windows(torch.tensor(stream), seq_len, bos=bos).split(batch_size))
 
 
 def _start_ray(workers: int) -> None:

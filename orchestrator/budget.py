@@ -136,7 +136,9 @@ def _search(cfg, plan, planner: Planner, progress):
     tokens = plan.corpus.val
 
     def ppl(model) -> float:
-        return perplexity(model, tokens, e.seq_len, b.search_tokens, e.batch_size).perplexity
+        return perplexity(
+            model, tokens, e.seq_len, b.search_tokens, e.batch_size, bos=plan.corpus.bos
+        ).perplexity
 
     base = ppl(plan.model)
     latest: list = [None, None]  # the last plan solved and its result (the best is usually last)

@@ -42,6 +42,7 @@ from presso.compressors.ptq.blocks import (
 )
 from presso.compressors.ptq.calibration import sum_shards
 from presso.compressors.ptq.recipe import Recipe
+from presso.orchestrator.data import with_bos
 from presso.orchestrator.pool import Task, WorkerPool
 
 
@@ -73,10 +74,17 @@ def plan_layers(
 
 
 def calibration_batches(
-    tokens: torch.Tensor, samples: int, seq_len: int, batch_size: int, seed: int
+    tokens: torch.Tensor,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    bos: int | None = None,
 ) -> list[torch.Tensor]:
-    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, in batches."""
-    span = tokens.numel() - seq_len
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, in batches; with
+    ``bos``, each window is ``bos`` and ``seq_len - 1`` tokens."""
+    body = seq_len - (bos is not None)
+    span = tokens.numel() - body
     if span <= 0:
         raise DataError(
             f"compress.calibration.seq_len {seq_len}: the train split has only "
@@ -84,7 +92,8 @@ def calibration_batches(
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, span, (samples,), generator=gen).tolist()
-    return list(torch.stack([tokens[s : s + seq_len] for s in starts]).split(batch_size))
+    rows = torch.stack([tokens[s : s + body] for s in starts])
+    return list(with_bos(rows, bos).split(batch_size))
 
 
 def layer_cost(weight: torch.Tensor, calibrated: bool) -> int:

@@ -51,7 +51,7 @@ class ScratchModelConfig:
 
 @dataclass
 class ModelConfig:
-    source: str = "scratch"  # scratch | smollm2 | path to a Hugging Face model folder
+    source: str = "scratch"  # scratch | smollm2 | gemma3-270m | a HF model folder or .gguf file
     scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
     # Only for a model type presso does not describe (presso.compressors.ptq.architectures):
     # {blocks: model.layers, groups: [[input_layernorm, [self_attn.q_proj, ...]], ...]}

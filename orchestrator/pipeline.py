@@ -235,7 +235,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         if recipe.needs_data:
             k = cfg.compress.calibration
             calibration = calibration_batches(
-                corpus.train, k.samples, k.seq_len, k.batch_size, k.seed
+                corpus.train, k.samples, k.seq_len, k.batch_size, k.seed, corpus.bos
             )
     out = Path(cfg.run.output_dir).resolve() / cfg.run.name
     return Preflight(
@@ -433,7 +433,8 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         bar = progress_bar()
         test = plan.corpus.test
         kind = "compressed" if packed_source else "dense"
-        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+        bos = plan.corpus.bos
+        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
         values = {
             f"eval/{kind}_ppl": first.perplexity,
             f"eval/{kind}_tokens_per_s": first.tokens_per_s,
@@ -447,7 +448,7 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         )
         if artifact is not None:
             packed = presso.load_compressed(artifact)
-            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
             values.update(
                 {
                     "eval/compressed_ppl": comp.perplexity,
