@@ -62,6 +62,11 @@ def compress(
     if workers:
         _start_ray(workers)
     if budget is not None:
+        if architecture is not None:
+            raise ConfigError(
+                "architecture: a budget plan finds layers by the registered descriptions only; "
+                "register yours (register_architecture(model_type, description)) instead"
+            )
         result = _compress_to_budget(model, budget, batches, tokenizer, workers, ignore)
     else:
         recipe = _recipe(recipe_or_budget)

@@ -312,6 +312,11 @@ def validate(cfg: PressoConfig) -> None:
     c.candidates.validate("compress.candidates")
     if c.budget is not None:
         c.budget.validate("compress.budget")
+        if cfg.model.architecture is not None:
+            raise ConfigError(
+                "model.architecture: a budget plan finds layers by the registered descriptions "
+                "only; compress this model with a recipe, or register its description in Python"
+            )
         if recipe.transforms:
             raise ConfigError(
                 "compress.budget: a budget plan replaces compress.recipe, so its block "

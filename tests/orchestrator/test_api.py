@@ -14,6 +14,7 @@ import presso
 from presso import ConfigError, DataError
 from presso.compressors.ptq.blocks import compress_model
 from presso.orchestrator.api import text_windows
+from presso.orchestrator.config import load_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TEXT = (
@@ -154,3 +155,11 @@ def test_refusals_say_what_to_pass(tiny_llama):
         presso.compress(tiny_llama, "gtpq")
     with pytest.raises(ConfigError, match="workers"):
         presso.compress(tiny_llama, "rtn", workers=-1)
+    from presso.compressors.ptq.architectures import LLAMA
+
+    with pytest.raises(ConfigError, match="register_architecture"):  # not silently ignored
+        presso.compress(tiny_llama, {"avg_bits": 4}, calibration=_calib(), architecture=LLAMA)
+    with pytest.raises(ConfigError, match="model.architecture: a budget plan"):
+        load_config(
+            None, ["model.architecture={blocks: model.layers}", "compress.budget.avg_bits=4"]
+        )
