@@ -44,8 +44,9 @@ class Architecture:
     groups: Sequence[tuple[str, Sequence[str]]] = ()
     no_clip: Sequence[str] = ()  # linears AWQ leaves unclipped (q/k: the softmax amplifies)
     norm_offset: float = 0.0  # the block's norms scale by (norm_offset + weight); Gemma: 1
-    embeddings: str = "model.embed_tokens"  # the input embedding (tied to lm_head when the
-    lm_head: str = "lm_head"  # config's tie_word_embeddings is set)
+    # the input embedding and the output head: one tensor when the config ties them
+    embeddings: str = "model.embed_tokens"
+    lm_head: str = "lm_head"
 
     def __post_init__(self):  # tuples throughout, so a description is hashable and immutable
         groups = tuple((prev, tuple(names)) for prev, names in self.groups)
