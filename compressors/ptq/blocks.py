@@ -19,11 +19,11 @@ statistics over data shards (their sums, ``+``, equal the whole set's: see
 :mod:`presso.compressors.ptq.calibration`) and solves over workers. A recipe that needs no data
 solves every layer at once.
 
-Layers: every ``nn.Linear`` inside the decoder blocks, except those matching ``ignore``. Where the
-blocks are (and what AWQ may fold) comes from the model's declared architecture
-(:mod:`presso.compressors.ptq.architectures`); a model type without one is refused up front. Other weighted leaf modules in the blocks
-are skipped and listed once in the log. Every layer's shape is checked against the recipe before
-any work starts.
+Layers: every ``nn.Linear`` inside the decoder blocks, except those matching ``ignore``. Where
+the blocks are (and what AWQ may fold) comes from the model's declared architecture
+(:mod:`presso.compressors.ptq.architectures`); a model type without one is refused up front.
+Other weighted leaf modules in the blocks are skipped and listed once in the log. Every layer's
+shape is checked against the recipe before any work starts.
 """
 
 from __future__ import annotations
