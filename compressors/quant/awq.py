@@ -113,7 +113,7 @@ def fold_scale(
 
 @register(
     "awq",
-    "scale salient input channels before rounding, fold the scale back, clip (calibrated; a transform)",
+    "scale salient input channels before rounding, fold the scale back, clip (calibrated)",
 )
 @dataclass
 class AWQ(GridSettings):

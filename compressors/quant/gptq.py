@@ -10,11 +10,12 @@ stored layer is then the plain ``pack-quantized`` layout and inference needs no 
 Defaults, and where they come from:
 
 - ``act_order=True`` (static groups): llm-compressor's ``GPTQModifier`` defaults to
-  ``actorder="static"`` and GPTQModel's ``QuantizeConfig`` to ``desc_act=True``; the GPTQ paper
-  (Frantar et al. 2022, §5 and its reference code) introduced the ordering as an option.
-- ``damp=0.01``: λ = 1 % of the mean Hessian diagonal, as in the GPTQ paper (§4, and its code's
-  ``percdamp=.01``), llm-compressor (``dampening_frac=0.01``) and AutoGPTQ
-  (``damp_percent=0.01``; GPTQModel's default has varied between 0.005 and 0.01). A Hessian not positive definite at that gets ten times more, with a
+  ``actorder="static"`` and GPTQModel's ``QuantizeConfig`` to ``desc_act=True``; the GPTQ
+  reference code offers the ordering as ``--act-order``.
+- ``damp=0.01``: λ = 1 % of the mean Hessian diagonal, as in the GPTQ paper (Frantar et al.
+  2022, its Cholesky step; ``percdamp=.01`` in its code), llm-compressor
+  (``dampening_frac=0.01``) and AutoGPTQ (``damp_percent=0.01``; GPTQModel's default has varied
+  between 0.005 and 0.01). A Hessian not positive definite at that gets ten times more, with a
   warning (:func:`~presso.compressors.ptq.obs.inverse_cholesky`).
 - ``blocksize=128``: the paper's lazy batch of B = 128 columns, llm-compressor's ``block_size``.
   It changes speed, not the result (up to rounding).
