@@ -15,7 +15,7 @@ from presso.compressors.ptq.architectures import (
     architecture_of,
     register_architecture,
 )
-from presso.compressors.ptq.blocks import capture_inputs, compress_model
+from presso.compressors.ptq.blocks import BlockInputs, capture_inputs, compress_model
 from presso.compressors.quant.awq import fold_scale
 
 VOCAB = 96
@@ -167,6 +167,25 @@ def test_declared_groups_fold_exactly(model_type):
             fold_scale(block.get_submodule(prev), lins, s, arch.norm_offset)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_awq_searches_every_declared_group(model_type):
+    """AWQ's scale search runs on each group the architecture declares (none skipped because
+    a name or a statistic failed to line up), here on the first block of each model."""
+    from presso.compressors.ptq.blocks import InProcess, Recipe, select_layers
+    from presso.compressors.quant.awq import AWQ
+
+    model = build(model_type, kv_heads=4)  # v → o folds only without grouped KV heads
+    awq = AWQ(group_size=32, clip=False)
+    layers = select_layers(model, Recipe([awq], awq), ["lm_head"])
+    prefix, names = layers.blocks[0]
+    block = model.get_submodule(prefix)
+    hidden, kwargs = capture_inputs(model, calibration())
+    inputs = BlockInputs(hidden, kwargs[0])
+    stats = InProcess().stats(block, prefix, inputs, awq.make_stats, names)
+    alphas = awq.transform_block(block, stats, prefix, layers.architecture)
+    assert set(alphas) == {prev for prev, _ in layers.architecture.groups}
 
 
 def test_unknown_architecture_fails_up_front_saying_how_to_describe_it():
