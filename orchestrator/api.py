@@ -57,26 +57,28 @@ def compress(
 
     if workers < 0:
         raise ConfigError(f"workers: expected 0 (this process) or more Ray actors, got {workers}")
+    # everything is checked before Ray or any worker starts
     budget = _budget(recipe_or_budget)
     batches = _batches(calibration, tokenizer, seq_len, batch_size)
-    if workers:
-        _start_ray(workers)
-    if budget is not None:
-        if architecture is not None:
-            raise ConfigError(
-                "architecture: a budget plan finds layers by the registered descriptions only; "
-                "register yours (register_architecture(model_type, description)) instead"
-            )
-        result = _compress_to_budget(model, budget, batches, tokenizer, workers, ignore)
-    else:
+    if budget is None:
         recipe = _recipe(recipe_or_budget)
         layers = plan_layers(model, recipe, ignore, architecture)
-        if recipe.needs_data and not batches:
-            raise DataError(
-                "presso.compress: the recipe calibrates on data; pass calibration= texts (with "
-                "tokenizer=) or token ids"
-            )
+    if (budget is not None or recipe.needs_data) and not batches:
+        raise DataError(
+            "presso.compress: this calibrates on data; pass calibration= texts (with "
+            "tokenizer=) or token ids"
+        )
+    if budget is not None and architecture is not None:
+        raise ConfigError(
+            "architecture: a budget plan finds layers by the registered descriptions only; "
+            "register yours (register_architecture(model_type, description)) instead"
+        )
+    if workers:
+        _start_ray(workers)
+    if budget is None:
         result = run_compression(model, recipe, workers, list(ignore), None, batches, plan=layers)
+    else:
+        result = _compress_to_budget(model, budget, batches, tokenizer, workers, ignore)
     if output is not None:
         save_compressed(result.model, result.records, output, tokenizer)
     return _packed(result.model, result.records)
@@ -150,8 +152,6 @@ def _compress_to_budget(model, budget: BudgetConfig, batches, tokenizer, workers
 
     cfg = PressoConfig()
     cfg.compress.budget, cfg.compress.workers, cfg.compress.ignore = budget, workers, list(ignore)
-    if not batches:
-        raise DataError("presso.compress: a budget plan calibrates on data; pass calibration=")
     check_budget(cfg, model, tokenizer)
     plan = SimpleNamespace(model=model, calibration=batches, layers=None, tokenizer=tokenizer)
     return run_budget(cfg, plan, None)[0]
