@@ -54,6 +54,19 @@ def load_compressed(path, device="cpu"):
     return _load(path, device=device)
 
 
+def compress(
+    model, recipe_or_budget, calibration=None, tokenizer=None, workers=0, output=None, **options
+):
+    """Compress a Hugging Face causal LM in one call; returns the compressed copy (see
+    ``presso.orchestrator.api.compress`` for every argument)::
+
+        small = presso.compress(model, "gptq", calibration=texts, tokenizer=tokenizer)
+    """
+    from presso.orchestrator.api import compress as _compress
+
+    return _compress(model, recipe_or_budget, calibration, tokenizer, workers, output, **options)
+
+
 __all__ = [
     "ClusterError",
     "ConfigError",
@@ -63,6 +76,7 @@ __all__ = [
     "StageError",
     "UnsupportedError",
     "__version__",
+    "compress",
     "disk_full",
     "load_compressed",
 ]

@@ -2,6 +2,7 @@
 other and llm-compressor, with 1 and 2 compression workers.
 
     python bench/ptq.py [--quick] [--calib-samples N] [--eval-tokens N] [--no-peers]
+    python bench/ptq.py --model gemma3-270m     # Gemma-3-270M: fp32 and GPTQ W4 g64 only
 
 Every row starts from the same fp32 model (SmolLM2-135M-Instruct dequantized from its GGUF
 Q4_1 source, so it already sits on a 4-bit grid per 32 columns: other grids stack a second
@@ -17,10 +18,16 @@ the same records, save the artifact and measure perplexity on the artifact *relo
 disk. Wall seconds cover the whole stage: actor start, calibration, solves.
 
 Peer rows (llm-compressor's ``oneshot``: GPTQModifier W4/W3 g64 symmetric with its default
-static act-order, SparseGPTModifier and WandaPruningModifier at 50 %) run in this process on
+static act-order, SparseGPTModifier and WandaPruningModifier at 50 %, with
+``ignore=["re:.*lm_head"]``: their module names end in a dot, so a plain ``"lm_head"`` would
+not keep the tied head dense as every other row does) run in this process on
 the same model folder, calibration windows and evaluation when ``llmcompressor`` imports
 (``pip install presso[peers]``); otherwise they are skipped with a note. A peer uses torch's
 threads (both cores) in one process; its wall seconds are in ``wall_s_2w``.
+
+``--model gemma3-270m`` measures Gemma-3-270M (Q4_K_M GGUF dequantized to fp32; width 640, so
+g64 fits it too) the same way, fp32 and GPTQ W4 g64 only, every window led by BOS as Gemma needs,
+into ``ptq_gemma3-270m.json``.
 
 Writes ``bench/results/ptq.json`` (``--quick``: ``ptq_quick.json``): ``rows`` with the fields
 ``method, bits, group_size, sparsity, ppl, ppl_ratio, avg_bits, artifact_bytes, wall_s_1w,
@@ -97,6 +104,19 @@ PEERS = [
 QUICK_BOTH = {"gptq"}  # --quick measures 1 and 2 workers for these rows only
 
 
+def _models() -> dict:
+    from presso.orchestrator.models import gemma3_folder, smollm2_folder
+
+    return {  # name: (description, its fp32 folder, evaluation batch size)
+        "smollm2": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", smollm2_folder, 4),
+        # 262k-token vocabulary: a window's logits take 0.5 GB
+        "gemma3-270m": ("Gemma-3-270M (GGUF Q4_K_M dequantized to fp32)", gemma3_folder, 1),
+    }
+
+
+MODELS = _models()
+
+
 def label(row: Row) -> str:
     return f"{row.method} W{row.bits}" if row.bits else row.method
 
@@ -157,8 +177,10 @@ def _peer_modifier(row):
         weights.update(strategy="group", group_size=row.group_size)
         group = {"targets": ["Linear"], "weights": weights}
         return GPTQModifier(config_groups={"group_0": group}, ignore=["lm_head"])
+    # llm-compressor 0.14's pruning modifiers name modules with a trailing dot ("lm_head."):
+    # ignore=["lm_head"] does not match them, and the tied lm_head/embedding would be pruned too
     cls = SparseGPTModifier if row.peer == "sparsegpt" else WandaPruningModifier
-    return cls(sparsity=row.sparsity, mask_structure="0:0", ignore=["lm_head"])
+    return cls(sparsity=row.sparsity, mask_structure="0:0", ignore=["re:.*lm_head"])
 
 
 def compressed_layer_bytes(folder: Path, linears: dict[str, int]) -> tuple[int, int]:
@@ -225,6 +247,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, help="windows of 512 (default 16; quick 4)")
     parser.add_argument("--eval-tokens", type=int, help="test tokens (default 8192; quick 4096)")
     parser.add_argument("--no-peers", action="store_true", help="skip the llm-compressor rows")
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     args = parser.parse_args()
     samples = args.calib_samples or (4 if args.quick else 16)
     eval_tokens = args.eval_tokens or (4096 if args.quick else 8192)
@@ -237,18 +260,21 @@ def main() -> None:
     from presso.orchestrator import data
     from presso.orchestrator.compress import calibration_batches
     from presso.orchestrator.evaluate import perplexity
-    from presso.orchestrator.models import load_pretrained, smollm2_folder
+    from presso.orchestrator.models import load_pretrained
 
     torch.set_num_threads(2)
-    folder = smollm2_folder()
+    description, source, eval_batch = MODELS[args.model]
+    folder = source()
     model, tokenizer = load_pretrained(folder)
     works = data.load_works(None)
     splits = data.split_works(works, ["hamlet", "sonnets"], ["macbeth", "tempest"])
     corpus = data.build_corpus(works, splits, tokenizer)
-    calib = calibration_batches(corpus.train, samples, SEQ_LEN, batch_size=4, seed=0)
+    calib = calibration_batches(corpus.train, samples, SEQ_LEN, 4, seed=0, bos=corpus.bos)
 
     def evaluate(m) -> float:
-        return perplexity(m, corpus.test, SEQ_LEN, eval_tokens, batch_size=4).perplexity
+        return perplexity(
+            m, corpus.test, SEQ_LEN, eval_tokens, eval_batch, bos=corpus.bos
+        ).perplexity
 
     linears = {
         n: m.weight.numel()
@@ -265,6 +291,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     selected = [r for r in ROWS if r.quick or not args.quick]
     peers = [] if args.no_peers else [r for r in PEERS if r.quick or not args.quick]
+    if args.model != "smollm2":
+        selected, peers = [r for r in ROWS if r.method == "gptq" and r.bits == 4], []
     if peers:
         try:
             import llmcompressor  # noqa: F401
@@ -287,14 +315,17 @@ def main() -> None:
     ray.shutdown()
 
     settings = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+        "model": description,
         "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards",
         "eval": f"first {eval_tokens} test tokens (macbeth, tempest) in windows of {SEQ_LEN}",
+        "bos_led_windows": corpus.bos is not None,
         "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
         "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
         "cores": os.cpu_count(),
     }
     name = "ptq_quick" if args.quick else "ptq"
+    if args.model != "smollm2":
+        name += f"_{args.model}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"rows": rows, "checks": checks, "load_1min": loads, "notes": notes}
     (RESULTS / f"{name}.json").write_text(json.dumps({"settings": settings, **report}, indent=1))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ class Setting:
     name: str
     type: str
     default: object
+    help: str = ""  # what it does: the field's trailing comment in its dataclass
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Entry:
     description: str  # one line
 
     def settings(self) -> list[Setting]:
-        out = []
+        out, helps = [], field_comments(self.config)
         for f in dataclasses.fields(self.config):
             if f.default is not dataclasses.MISSING:
                 default = f.default
@@ -51,8 +54,29 @@ class Entry:
                 default = f.default_factory()
             else:
                 default = None
-            out.append(Setting(f.name, str(f.type), default))
+            out.append(Setting(f.name, str(f.type), default, helps.get(f.name, "")))
         return out
+
+
+_FIELD_LINE = re.compile(r"^    (\w+)\s*:[^#]*#\s*(.+)$")  # `    name: type = default  # help`
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing comment, from the class and the dataclasses it extends:
+    the settings are documented once, where they are declared."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen install): no help texts
+            continue
+        for line in source.splitlines():
+            m = _FIELD_LINE.match(line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+    return comments
 
 
 class Registry:
@@ -66,6 +90,10 @@ class Registry:
 
     def add(self, name: str, config: type, build: Callable | None = None, description: str = ""):
         doc = (config.__doc__ or "").strip().split("\n")[0]
+        if doc.startswith(f"{config.__name__}("):  # the signature dataclass writes, not a text
+            doc = ""
+        if not (description or doc):
+            raise TypeError(f"{self.kind} {name!r}: give a one-line description (or a docstring)")
         self._entries[name] = Entry(name, config, build or config, description or doc)
         return self._entries[name]
 
@@ -122,12 +150,13 @@ FORMATS = Registry(
 )
 
 
-def register(name: str):
-    """Class decorator: make a PTQ algorithm buildable as ``name`` from a config."""
+def register(name: str, description: str = ""):
+    """Class decorator: make a PTQ algorithm buildable as ``name`` from a config;
+    ``description``: one line on what it is for (else the class docstring's first line)."""
 
     def add(cls):
         cls.name = name
-        return ALGORITHMS.register(name)(cls)
+        return ALGORITHMS.register(name, description)(cls)
 
     return add
 
@@ -145,7 +174,7 @@ def build(name: str, params: dict, prefix: str = "compress.recipe"):
         if key not in fields:
             raise ConfigError(f"{prefix}.{name}.{key}: unknown setting; known: {sorted(fields)}")
         expected = fields[key].type
-        if expected in ("int", "float", "bool") and not _fits(value, expected):
+        if expected in ("int", "float", "bool", "str") and not _fits(value, expected):
             raise ConfigError(f"{prefix}.{name}.{key}: expected {expected}, got {value!r}")
     algo = cls(**params)
     if hasattr(algo, "validate"):
@@ -172,6 +201,8 @@ def catalogue() -> dict[str, list[Entry]]:
 
 
 def _fits(value, type_name: str) -> bool:
+    if type_name == "str":
+        return isinstance(value, str)
     if type_name == "bool":
         return isinstance(value, bool)
     if type_name == "int":

@@ -84,7 +84,8 @@ def _solve(cfg, plan, budget_plan: BudgetPlan, progress) -> CompressResult:
 
 
 def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPlan]:
-    """Measure, plan and solve; returns the solved result and the plan it followed."""
+    """Measure, plan and solve; returns the solved result and the plan it followed. ``run``
+    (an MLflow stage run) gets the plan's table and heat map; None logs nowhere."""
     c = cfg.compress
     b = c.budget
     sensitivity = None
@@ -119,7 +120,8 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
     except UnsupportedError as e:
         raise ConfigError(f"compress.budget: {e}") from None
     print(chosen.table(), flush=True)
-    log_plan(run, chosen, search)
+    if run is not None:
+        log_plan(run, chosen, search)
     if result is None:
         result = _solve(cfg, plan, chosen, progress)
     return result, chosen
@@ -134,7 +136,9 @@ def _search(cfg, plan, planner: Planner, progress):
     tokens = plan.corpus.val
 
     def ppl(model) -> float:
-        return perplexity(model, tokens, e.seq_len, b.search_tokens, e.batch_size).perplexity
+        return perplexity(
+            model, tokens, e.seq_len, b.search_tokens, e.batch_size, bos=plan.corpus.bos
+        ).perplexity
 
     base = ppl(plan.model)
     latest: list = [None, None]  # the last plan solved and its result (the best is usually last)

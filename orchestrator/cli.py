@@ -23,6 +23,8 @@ examples:
   presso run jobs/quickstart.yaml train.steps=50    the same, shorter
   presso compress jobs/smollm2_rtn.yaml             compress a pretrained model only
   presso config show jobs/quickstart.yaml           print the resolved config
+  presso algorithms                                 every recipe algorithm and its settings
+  presso algorithms gptq                            one algorithm's settings and defaults
   presso mlflow sync                                replay what an MLflow outage left spooled
   presso submit jobs/quickstart.yaml --address http://HEAD:8265 --working-dir . --follow
 
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect job configs")
     config_sub = config.add_subparsers(dest="config_command", metavar="action", required=True)
     _job_parser(config_sub, "show", "print the fully resolved config of a job (YAML)")
+    text = "list the recipe algorithms: settings, types, defaults and what each is for"
+    algorithms = sub.add_parser("algorithms", help=text, description=text)
+    algorithms.add_argument("names", nargs="*", metavar="NAME", help="only these, e.g. gptq")
     _mlflow_parser(sub)
     return parser
 
@@ -157,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mlflow":
             return _mlflow_sync(args)
+        if args.command == "algorithms":
+            from presso.orchestrator.algorithms import render
+
+            print(render(args.names), end="")
+            return 0
         from presso.orchestrator.config import load_config, to_yaml
 
         if args.command == "submit":

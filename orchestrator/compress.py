@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from presso import DataError, UnsupportedError
+from presso.compressors.ptq.architectures import Architecture
 from presso.compressors.ptq.blocks import (
     BlockInputs,
     BlockLayers,
@@ -41,6 +42,7 @@ from presso.compressors.ptq.blocks import (
 )
 from presso.compressors.ptq.calibration import sum_shards
 from presso.compressors.ptq.recipe import Recipe
+from presso.orchestrator.data import with_bos
 from presso.orchestrator.pool import Task, WorkerPool
 
 
@@ -54,10 +56,16 @@ class CompressResult:
     wall_s: float = 0.0
 
 
-def plan_layers(model: torch.nn.Module, recipe: Recipe, ignore: Iterable[str]) -> BlockLayers:
+def plan_layers(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    ignore: Iterable[str],
+    architecture: Architecture | None = None,
+) -> BlockLayers:
     """Every layer checked against every recipe step before any work starts (e.g. a group size
-    that does not divide a layer's width); weighted modules of other types are listed once."""
-    plan = select_layers(model, recipe, ignore)
+    that does not divide a layer's width); weighted modules of other types are listed once.
+    ``architecture``: the model type's registered description unless given."""
+    plan = select_layers(model, recipe, ignore, architecture)
     if not plan.names:
         raise UnsupportedError(
             f"compress.ignore {list(ignore)} leaves no nn.Linear layer to compress in this model"
@@ -66,10 +74,17 @@ def plan_layers(model: torch.nn.Module, recipe: Recipe, ignore: Iterable[str]) -
 
 
 def calibration_batches(
-    tokens: torch.Tensor, samples: int, seq_len: int, batch_size: int, seed: int
+    tokens: torch.Tensor,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    bos: int | None = None,
 ) -> list[torch.Tensor]:
-    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, in batches."""
-    span = tokens.numel() - seq_len
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets, in batches; with
+    ``bos``, each window is ``bos`` and ``seq_len - 1`` tokens."""
+    body = seq_len - (bos is not None)
+    span = tokens.numel() - body
     if span <= 0:
         raise DataError(
             f"compress.calibration.seq_len {seq_len}: the train split has only "
@@ -77,7 +92,8 @@ def calibration_batches(
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, span, (samples,), generator=gen).tolist()
-    return list(torch.stack([tokens[s : s + seq_len] for s in starts]).split(batch_size))
+    rows = torch.stack([tokens[s : s + body] for s in starts])
+    return list(with_bos(rows, bos).split(batch_size))
 
 
 def layer_cost(weight: torch.Tensor, calibrated: bool) -> int:
@@ -214,7 +230,8 @@ def run_compression(
     threads: int = 1,
     plan: BlockLayers | None = None,
 ) -> CompressResult:
-    """The compress stage on a copy of ``model`` (left untouched) with ``workers`` actors.
+    """The compress stage on a copy of ``model`` (left untouched) with ``workers`` actors, or
+    in this process with ``workers=0`` (the same block loop, :class:`InProcess` steps).
 
     ``recipe`` is a :class:`Recipe`, a list of recipe entries or one algorithm. ``calibration``
     holds the batches of token ids a calibrated recipe needs; ``plan`` the layers, when the
@@ -233,28 +250,29 @@ def run_compression(
         if bar is None:
             print(f"presso: compressed {text}", flush=True)
 
-    pool = WorkerPool(workers, threads)
+    pool = WorkerPool(workers, threads) if workers else None
     try:
         work = copy.deepcopy(model)  # while the actors start
-        records, layers = compress_layers(
-            work,
-            plan,
-            recipe,
-            pool,
-            calibration,
-            shards,
-            on_layer=lambda: bar and bar.update(1),
-            on_block=block_line,
-        )
+        on_layer = lambda *_: bar and bar.update(1)  # noqa: E731
+        if pool:
+            records, layers = compress_layers(
+                work, plan, recipe, pool, calibration, shards, None, on_layer, block_line
+            )
+        else:
+            steps = InProcess(on_layer, shards)  # the pool's sums: the same records
+            records, layers = compress_blocks(
+                work, plan, recipe, steps, calibration, None, block_line
+            )
     finally:
-        pool.close()
+        if pool:
+            pool.close()
         if bar:
             bar.close()
     return CompressResult(
         records={n: records[n] for n in plan.names},
         model=work,
         layers=layers,
-        worker_s=pool.busy_s,
-        reassigned=pool.reassigned,
+        worker_s=pool.busy_s if pool else [time.perf_counter() - start],
+        reassigned=pool.reassigned if pool else 0,
         wall_s=time.perf_counter() - start,
     )

@@ -6,6 +6,7 @@ value or an out-of-range setting raises :class:`presso.ConfigError` naming the k
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,11 @@ class ScratchModelConfig:
 
 @dataclass
 class ModelConfig:
-    source: str = "scratch"  # scratch | smollm2 | path to a Hugging Face model folder
+    source: str = "scratch"  # scratch | smollm2 | gemma3-270m | a HF model folder or .gguf file
     scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    # Only for a model type presso does not describe (presso.compressors.ptq.architectures):
+    # {blocks: model.layers, groups: [[input_layernorm, [self_attn.q_proj, ...]], ...]}
+    architecture: dict[str, Any] | None = None
 
 
 @dataclass
@@ -250,7 +254,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PressoCon
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     validate(cfg)
+    cfg.compress.recipe = resolved_recipe(cfg)
     return cfg
+
+
+def resolved_recipe(cfg: PressoConfig) -> list[dict]:
+    """The recipe with every setting spelled out (defaults included), for ``presso config
+    show`` and the run's logged params."""
+    return [{a.name: dataclasses.asdict(a)} for a in recipe_algorithms(cfg)]
 
 
 def _positive(prefix: str, **values: int | float) -> None:
@@ -298,9 +309,15 @@ def validate(cfg: PressoConfig) -> None:
     from presso.compressors.ptq import Recipe
 
     recipe = Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
+    model_architecture(cfg)
     c.candidates.validate("compress.candidates")
     if c.budget is not None:
         c.budget.validate("compress.budget")
+        if cfg.model.architecture is not None:
+            raise ConfigError(
+                "model.architecture: a budget plan finds layers by the registered descriptions "
+                "only; compress this model with a recipe, or register its description in Python"
+            )
         if recipe.transforms:
             raise ConfigError(
                 "compress.budget: a budget plan replaces compress.recipe, so its block "
@@ -347,6 +364,16 @@ def recipe_algorithms(cfg: PressoConfig) -> list:
             raise ConfigError(f"{prefix}.{name}: expected a mapping of settings, got {params!r}")
         steps.append(build(name, params or {}, prefix))
     return steps
+
+
+def model_architecture(cfg: PressoConfig):
+    """The job's own architecture description, or None to use the model type's."""
+    from presso.compressors.ptq.architectures import Architecture
+
+    d = cfg.model.architecture
+    return (
+        None if d is None else Architecture.from_dict(OmegaConf.to_container(OmegaConf.create(d)))
+    )
 
 
 def to_yaml(cfg: PressoConfig) -> str:

@@ -121,6 +121,7 @@ class Corpus:
     val: torch.Tensor
     test: torch.Tensor
     splits: dict[str, list[str]]
+    bos: int | None = None  # the token each window starts with (window_bos), if any
 
 
 def build_corpus(works: dict[str, str], splits: dict[str, list[str]], tokenizer) -> Corpus:
@@ -128,7 +129,7 @@ def build_corpus(works: dict[str, str], splits: dict[str, list[str]], tokenizer)
         split: torch.tensor(encode(tokenizer, "\n\n".join(works[n] for n in names)))
         for split, names in splits.items()
     }
-    return Corpus(ids["train"], ids["val"], ids["test"], splits)
+    return Corpus(ids["train"], ids["val"], ids["test"], splits, window_bos(tokenizer))
 
 
 def train_batch(
@@ -144,11 +145,31 @@ def train_batch(
     return torch.stack([tokens[s : s + seq_len + 1] for s in mine.tolist()])
 
 
-def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len]`` windows from the start of ``tokens``."""
+def windows(
+    tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None, bos: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows from the start of ``tokens``; with ``bos`` each
+    is ``bos`` followed by ``seq_len - 1`` tokens of the split."""
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
-    n = tokens.numel() // seq_len
+    body = seq_len - (bos is not None)
+    n = tokens.numel() // body
     if n == 0:
         raise DataError(f"split has {tokens.numel()} tokens, fewer than one window of {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len)
+    return with_bos(tokens[: n * body].reshape(n, body), bos)
+
+
+def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``rows`` (``[n, t]`` token ids) each led by ``bos``; unchanged when ``bos`` is None."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((len(rows), 1), bos, dtype=rows.dtype), rows], dim=1)
+
+
+def window_bos(tokenizer) -> int | None:
+    """The token every window must start with: the tokenizer's BOS where it puts one before
+    every text, as Gemma's does (Gemma computes garbage on text without it); else None."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None

@@ -28,16 +28,18 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress=None,
+    bos: int | None = None,
 ) -> EvalResult:
     """exp(mean token NLL) over non-overlapping windows of ``seq_len`` tokens.
 
     Each window predicts its tokens 2..seq_len from the ones before them inside the window, so
     the first token of every window is context only and the mean is over ``seq_len - 1`` tokens
-    per window.
+    per window. With ``bos`` (models that need it, :func:`~presso.orchestrator.data.window_bos`)
+    that first token is ``bos`` and every token of the split is predicted.
     """
     model.eval()
     device = next(model.parameters()).device
-    batches = windows(tokens, seq_len, max_tokens).split(batch_size)
+    batches = windows(tokens, seq_len, max_tokens, bos).split(batch_size)
     total_nll, total_tokens, start = 0.0, 0, time.perf_counter()
     for batch in batches if progress is None else progress(batches):
         batch = batch.to(device)

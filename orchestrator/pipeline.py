@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presso import ClusterError, ConfigError
-from presso.orchestrator.config import PressoConfig, recipe_algorithms
+from presso.orchestrator.config import PressoConfig, model_architecture, recipe_algorithms
 
 STAGES = ("train", "compress", "eval")
 # The compress stage writes here; the artifact moves to ``compressed/`` once the stages after it
@@ -277,13 +277,13 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         cfg.train.resume_from = str(chosen)  # what the run resumes from, as logged
     layers = calibration = None
     if recipe is not None:
-        layers = plan_layers(model, recipe, cfg.compress.ignore)
+        layers = plan_layers(model, recipe, cfg.compress.ignore, model_architecture(cfg))
         if cfg.compress.budget is not None:
             check_budget(cfg, model, tokenizer)
         if recipe.needs_data:
             k = cfg.compress.calibration
             calibration = calibration_batches(
-                corpus.train, k.samples, k.seq_len, k.batch_size, k.seed
+                corpus.train, k.samples, k.seq_len, k.batch_size, k.seed, corpus.bos
             )
     out = Path(cfg.run.output_dir).resolve() / cfg.run.name
     return Preflight(
@@ -485,7 +485,8 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         bar = progress_bar()
         test = plan.corpus.test
         kind = "compressed" if packed_source else "dense"
-        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+        bos = plan.corpus.bos
+        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
         values = {
             f"eval/{kind}_ppl": first.perplexity,
             f"eval/{kind}_tokens_per_s": first.tokens_per_s,
@@ -499,7 +500,7 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         )
         if artifact is not None:
             packed = presso.load_compressed(artifact)
-            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
             values.update(
                 {
                     "eval/compressed_ppl": comp.perplexity,

@@ -65,7 +65,9 @@ def spectrum_ranks(s: torch.Tensor, energies: list[float], max_rank: int) -> lis
     return sorted(r for r in ranks if r < max_rank)
 
 
-@register("lowrank")
+@register(
+    "lowrank", "replace the weight by a rank-r product fitted to the layer's inputs (whitened SVD)"
+)
 @dataclass
 class LowRank:
     rank: int = 64  # kept components; the layer stores rank * (in + out) fp16 values

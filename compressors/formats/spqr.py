@@ -69,6 +69,8 @@ def dequantize_stats(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) 
 @register_format
 @dataclass
 class SpQRWeight:
+    """Small-group codes with quantized grid statistics and a sparse list of fp16 outliers."""
+
     q: torch.Tensor  # int8 [N, K] codes; the zero point under each outlier
     scale_codes: torch.Tensor  # uint8 [N, G]
     scale_lo: torch.Tensor  # fp16 [N / stat_group, G]

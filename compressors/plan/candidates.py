@@ -135,7 +135,9 @@ class Candidate:
             if self.pattern == "unstructured":
                 prune["sparsity"] = self.sparsity
             return SparseGPT(**prune, **(grid if self.bits else {}))
-        return GPTQ(**grid, damp=damp) if self.bits else None
+        # in input order: how bench/results/budget.txt's plans were solved (not yet re-measured
+        # with act-order, the GPTQ default)
+        return GPTQ(**grid, damp=damp, act_order=False) if self.bits else None
 
     def proxy(self, weight: torch.Tensor):
         """The data-free record whose error stands in for this candidate's (not low-rank)."""

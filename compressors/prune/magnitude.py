@@ -11,7 +11,7 @@ from presso.compressors.prune.masks import PruneSettings, prune_mask
 from presso.compressors.registry import register
 
 
-@register("magnitude")
+@register("magnitude", "drop the smallest weights (unstructured or N:M); no data needed")
 @dataclass
 class Magnitude(PruneSettings):
     needs_calibration = False

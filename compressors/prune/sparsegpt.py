@@ -60,7 +60,10 @@ class _PruneRule:
         return self.grid.round(j, col, wb[:, i:])
 
 
-@register("sparsegpt")
+@register(
+    "sparsegpt",
+    "prune column by column, the rest compensating; optionally quantize in the same sweep",
+)
 @dataclass
 class SparseGPT(PruneSettings):
     damp: float = 0.01  # dampening added to the Hessian diagonal, relative to its mean

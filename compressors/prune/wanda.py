@@ -22,7 +22,7 @@ def wanda_score(w: torch.Tensor, col_sq_norms: torch.Tensor) -> torch.Tensor:
     return w.abs().float() * col_sq_norms.sqrt().float().unsqueeze(0)
 
 
-@register("wanda")
+@register("wanda", "drop the weights with the smallest |weight| x input norm (calibrated)")
 @dataclass
 class Wanda(PruneSettings):
     needs_calibration = True

@@ -19,10 +19,11 @@ statistics over data shards (their sums, ``+``, equal the whole set's: see
 :mod:`presso.compressors.ptq.calibration`) and solves over workers. A recipe that needs no data
 solves every layer at once.
 
-Layers: every ``nn.Linear`` inside the decoder blocks (``model.model.layers`` for Hugging Face
-Llama-style models), except those matching ``ignore``. Other weighted leaf modules in the blocks
-are skipped and listed once in the log. Every layer's shape is checked against the recipe before
-any work starts.
+Layers: every ``nn.Linear`` inside the decoder blocks, except those matching ``ignore``. Where
+the blocks are (and what AWQ may fold) comes from the model's declared architecture
+(:mod:`presso.compressors.ptq.architectures`); a model type without one is refused up front.
+Other weighted leaf modules in the blocks are skipped and listed once in the log. Every layer's
+shape is checked against the recipe before any work starts.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from typing import Protocol
 
 import torch
 
-from presso import DataError, UnsupportedError
-from presso.compressors.ptq.calibration import weight_error
+from presso import DataError
+from presso.compressors.ptq.architectures import Architecture, architecture_of
+from presso.compressors.ptq.calibration import sum_shards, weight_error
 from presso.compressors.ptq.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,11 @@ class BlockInputs:
 
 @dataclass
 class BlockLayers:
-    """The layers a recipe compresses, per decoder block: ``(block prefix, linear names)``."""
+    """The layers a recipe compresses, per decoder block: ``(block prefix, linear names)``, and
+    the architecture they were found by."""
 
     blocks: list[tuple[str, list[str]]]
+    architecture: Architecture
 
     @property
     def names(self) -> list[str]:
@@ -80,20 +84,6 @@ class LayerReport:
     rel_error: float  # output error relative to the layer's output (weight error without data)
 
 
-def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder layers: ``model.model.layers`` (HF Llama-style), else the first ModuleList."""
-    inner = getattr(model, "model", None)
-    if isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
-        return "model.layers", inner.layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module):
-            return name, module
-    raise UnsupportedError(
-        f"{type(model).__name__}: no list of decoder blocks found; compress_model needs a "
-        "model whose layers sit in an nn.ModuleList (e.g. model.model.layers)"
-    )
-
-
 def _ignored(name: str, patterns: Iterable[str]) -> bool:
     return any(
         name == p or name.endswith(f".{p}") or fnmatch.fnmatchcase(name, p) for p in patterns
@@ -101,10 +91,15 @@ def _ignored(name: str, patterns: Iterable[str]) -> bool:
 
 
 def select_layers(
-    model: torch.nn.Module, recipe: Recipe, ignore: Iterable[str] = ()
+    model: torch.nn.Module,
+    recipe: Recipe,
+    ignore: Iterable[str] = (),
+    architecture: Architecture | None = None,
 ) -> BlockLayers:
-    """The linears to compress, per block; raises on any shape the recipe cannot handle first."""
-    prefix, blocks = find_blocks(model)
+    """The linears to compress, per block; raises on any shape the recipe cannot handle first.
+    ``architecture`` defaults to the registered description of the model's type."""
+    architecture = architecture_of(model, architecture)
+    prefix, blocks = architecture.find_blocks(model)
     selected, unsupported = [], []
     for i, block in enumerate(blocks):
         bp = f"{prefix}.{i}"
@@ -122,7 +117,7 @@ def select_layers(
         selected.append((bp, names))
     if unsupported:
         log.warning("skipping %d layers of unsupported types: %s", len(unsupported), unsupported)
-    return BlockLayers(selected)
+    return BlockLayers(selected, architecture)
 
 
 class _Captured(Exception):
@@ -135,19 +130,34 @@ def model_inputs(batch) -> dict:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: torch.nn.Module, calib_batches: Iterable) -> BlockInputs:
-    """Run each batch (``input_ids`` tensors or dicts of model inputs) up to the first block."""
-    _, blocks = find_blocks(model)
-    inputs = BlockInputs([], [])
+def capture_inputs(
+    model: torch.nn.Module, calib_batches: Iterable, architecture: Architecture | None = None
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first block's hidden states per batch, and every block's keyword arguments per batch.
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.hidden.append(hidden.detach())
-        inputs.kwargs.append(kwargs)
-        raise _Captured
+    Blocks may be called with different arguments (Gemma's sliding-window and global layers get
+    different masks and rotary tables), so each block's own are kept. While capturing, every
+    block passes its input through unchanged and the last one stops the forward pass: one
+    embedding pass per batch, no block computed.
+    """
+    _, blocks = architecture_of(model, architecture).find_blocks(model)
+    hidden, kwargs = [], [[] for _ in blocks]
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def recorder(i):
+        def record(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.detach())
+            kwargs[i].append(kw)
+            if i == len(blocks) - 1:
+                raise _Captured
+            return h
+
+        return record
+
     model.eval()
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # an instance attribute: shadows the class's forward
     try:
         for batch in calib_batches:
             try:
@@ -155,10 +165,19 @@ def capture_block_inputs(model: torch.nn.Module, calib_batches: Iterable) -> Blo
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    if not inputs.hidden:
+        for block in blocks:
+            del block.forward
+    if not hidden:
         raise DataError("calibration: no batches given, but the recipe needs calibration data")
-    return inputs
+    return hidden, kwargs
+
+
+def capture_block_inputs(
+    model: torch.nn.Module, calib_batches: Iterable, architecture: Architecture | None = None
+) -> BlockInputs:
+    """The first block's calibration inputs (batches of ``input_ids`` or dicts of model inputs)."""
+    hidden, kwargs = capture_inputs(model, calib_batches, architecture)
+    return BlockInputs(hidden, kwargs[0])
 
 
 def _run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -243,13 +262,21 @@ class Steps(Protocol):
 
 @dataclass
 class InProcess:
-    """The steps run here, one after the other; ``progress`` sees each solved layer."""
+    """The steps run here, one after the other; ``progress`` sees each solved layer. With
+    ``shards`` the statistics are summed per shard as the Ray steps sum them, so that the
+    records equal a pool's with as many shards."""
 
     progress: Callable[[LayerReport], None] | None = None
+    shards: int = 1
 
     def stats(self, block, prefix, inputs, make_stats, names):
         linears = {n: block.get_submodule(n[len(prefix) + 1 :]) for n in names}
-        return accumulate_stats(block, inputs, make_stats, linears)
+        count = min(self.shards, len(inputs.hidden))
+        if count <= 1:
+            return accumulate_stats(block, inputs, make_stats, linears)
+        parts = [accumulate_stats(block, inputs.shard(i, count), make_stats, linears)
+                 for i in range(count)]  # fmt: skip
+        return sum_shards(parts)
 
     def solve(self, jobs, block):
         records, reports = {}, []
@@ -297,16 +324,16 @@ def compress_blocks(
             on_block(f"{len(records)} layers in {time.perf_counter() - tick:.1f} s")
         return records, reports
 
-    inputs = capture_block_inputs(model, calib_batches or [])
+    hidden, block_kwargs = capture_inputs(model, calib_batches or [], layers.architecture)
+    inputs = BlockInputs(hidden, block_kwargs[0])
     make_stats = recipe.solver_stats()
     records, reports = {}, []
     for i, (prefix, names) in enumerate(layers.blocks):
         phases = {"stats": time.perf_counter()}  # phase -> its start, then its seconds
         block = modules[prefix]
         for t in recipe.transforms:
-            t.transform_block(
-                block, steps.stats(block, prefix, inputs, t.make_stats, names), prefix
-            )
+            t_stats = steps.stats(block, prefix, inputs, t.make_stats, names)
+            t.transform_block(block, t_stats, prefix, layers.architecture)
         stats = steps.stats(block, prefix, inputs, make_stats, names) if make_stats else {}
         phases["solve"] = time.perf_counter()
         done, done_reports = steps.solve(jobs(names, stats), i)
@@ -315,7 +342,7 @@ def compress_blocks(
         reports += done_reports
         phases["outputs"] = time.perf_counter()
         if i + 1 < len(layers.blocks):
-            inputs = steps.outputs(block, inputs)
+            inputs = BlockInputs(steps.outputs(block, inputs).hidden, block_kwargs[i + 1])
         if on_block:
             marks = [*phases.values(), time.perf_counter()]
             split = ", ".join(f"{p} {b - a:.1f}" for p, a, b in zip(phases, marks, marks[1:]))
@@ -332,12 +359,14 @@ def compress_model(
     calib_batches: Iterable | None = None,
     ignore: Iterable[str] = ("lm_head",),
     progress: Callable[[LayerReport], None] | None = None,
+    architecture: Architecture | None = None,
 ) -> dict:
     """Compress every decoder-block linear of ``model`` in place, in this process; returns
     ``{name: record}``. ``recipe`` is a :class:`Recipe` or a list of entries (see
     :meth:`Recipe.parse`). The model's weights end up dequantized (and AWQ-folded), ready for
-    ``save_compressed(model, records)``.
+    ``save_compressed(model, records)``. ``architecture``: for a model type presso has no
+    description of (see :mod:`presso.compressors.ptq.architectures`).
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
-    layers = select_layers(model, recipe, ignore)
+    layers = select_layers(model, recipe, ignore, architecture)
     return compress_blocks(model, layers, recipe, InProcess(progress), calib_batches)[0]

@@ -31,7 +31,9 @@ def _fits(width: int, group_size: int) -> bool:
     return group_size == PER_CHANNEL or width % group_size == 0
 
 
-@register("adadim")
+@register(
+    "adadim", "per layer, group along input or output channels, whichever errs less on the data"
+)
 @dataclass
 class AdaDim(GridSettings):
     method: str = "gptq"  # rounding used in both groupings: "rtn" or "gptq"
@@ -64,8 +66,13 @@ class AdaDim(GridSettings):
             if self.method == "rtn":
                 out.append(RTN(self.bits, self.group_size, self.symmetric).compress(weight))
             else:
-                gptq = GPTQ(
-                    self.bits, self.group_size, self.symmetric, self.damp, blocksize=self.blocksize
+                gptq = GPTQ(  # in input order, like the input-channel candidate below
+                    self.bits,
+                    self.group_size,
+                    self.symmetric,
+                    self.damp,
+                    act_order=False,
+                    blocksize=self.blocksize,
                 )
                 out.append(gptq.compress(weight, stats, name))
         if _fits(n, self.group_size):

@@ -17,6 +17,11 @@ Then each weight group's clipping range ``[-m, m]`` is searched (``m`` from the 
 down to ``(1 - max_shrink)`` of it) to minimise that group's output error. q/k projections are
 not clipped: small changes there are amplified by the softmax (as in AWQ).
 
+Which operation feeds which linears, and which are not clipped, is the model's declared
+:class:`~presso.compressors.ptq.architectures.Architecture`; a group is left unscaled, and
+logged, only when its fold cannot be exact: one of its linears is not compressed (ignored), or
+the producer's outputs do not match the linears' inputs (v → o with grouped KV heads).
+
 AWQ is a block transform; as the last recipe entry it also rounds each layer with RTN.
 """
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from presso.compressors.formats.quantized import QuantizedWeight
+from presso.compressors.ptq.architectures import Architecture
 from presso.compressors.ptq.calibration import ActivationStats
 from presso.compressors.quant.primitives import (
     GridSettings,
@@ -40,15 +46,6 @@ from presso.compressors.quant.rtn import RTN
 from presso.compressors.registry import check_range, register
 
 log = logging.getLogger(__name__)
-
-# (operation producing the input, linears consuming it) in a Llama-style decoder block.
-LLAMA_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped KV heads (shapes match)
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
-NO_CLIP = ("q_proj", "k_proj")
 
 
 def fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -97,11 +94,15 @@ def search_clip(
     return best_max
 
 
-def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``s`` and multiply the linears' inputs by it."""
+def fold_scale(
+    prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor, norm_offset: float = 0
+) -> None:
+    """Divide ``prev``'s output channels by ``s`` and multiply the linears' inputs by it; a norm
+    scaling by ``(norm_offset + weight)`` (Gemma: 1) keeps that form."""
     with torch.no_grad():
         if prev.weight.dim() == 1:  # a norm's elementwise weight
-            prev.weight.div_(s.to(prev.weight.dtype))
+            w = prev.weight.double()
+            prev.weight.copy_((w + norm_offset) / s.double() - norm_offset)
         else:  # a linear's output rows
             prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
         if getattr(prev, "bias", None) is not None:
@@ -110,7 +111,10 @@ def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.T
             lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
 
 
-@register("awq")
+@register(
+    "awq",
+    "scale salient input channels before rounding, fold the scale back, clip (calibrated)",
+)
 @dataclass
 class AWQ(GridSettings):
     grid: int = 20  # scale exponents α tried, evenly in [0, 1)
@@ -138,34 +142,42 @@ class AWQ(GridSettings):
         return g, lambda w: fake_quant(w, self.bits, g, self.symmetric)
 
     def transform_block(
-        self, block: torch.nn.Module, stats: dict[str, ActivationStats], prefix: str
+        self,
+        block: torch.nn.Module,
+        stats: dict[str, ActivationStats],
+        prefix: str,
+        architecture: Architecture,
     ) -> dict[str, float]:
-        """Scale (and clip) ``block``'s linears in place; returns the chosen α per group."""
+        """Scale (and clip) ``block``'s linears in place, by the groups ``architecture``
+        declares; returns the chosen α per group (keyed by the producing module)."""
         modules = dict(block.named_modules())
         alphas, input_scale = {}, {}
-        for prev_name, names in LLAMA_GROUPS:
-            prev, lins = modules.get(prev_name), [modules.get(n) for n in names]
+        for prev_name, names in architecture.groups:
+            prev, lins = modules[prev_name], [modules[n] for n in names]
             full = [f"{prefix}.{n}" for n in names]
-            if prev is None or any(m is None or f not in stats for m, f in zip(lins, full)):
+            if any(f not in stats for f in full):
+                log.info(
+                    "%s.%s: a linear it feeds is not compressed; not scaled", prefix, prev_name
+                )
                 continue
             if prev.weight.shape[0] != lins[0].in_features:  # e.g. v → o with grouped KV heads
+                log.debug("%s.%s: outputs do not match its linears' inputs", prefix, prev_name)
                 continue
             st = stats[full[0]]
             _, quant = self._quant(lins[0].in_features, full[0])
             weights = [lin.weight.detach().float() for lin in lins]
             s, alphas[prev_name] = search_scale(st.sample, st.abs_mean(), weights, quant, self.grid)
-            fold_scale(prev, lins, s)
+            fold_scale(prev, lins, s, architecture.norm_offset)
             input_scale.update(dict.fromkeys(full, s))
-        if not alphas:
-            log.info("%s: no AWQ-scalable (norm/linear → linear) groups found", prefix)
         if self.clip:
-            self._clip(modules, stats, prefix, input_scale)
+            no_clip = {f"{prefix}.{n}" for n in architecture.no_clip}
+            self._clip(modules, stats, prefix, input_scale, no_clip)
         return alphas
 
-    def _clip(self, modules, stats, prefix: str, input_scale: dict) -> None:
+    def _clip(self, modules, stats, prefix: str, input_scale: dict, no_clip: set) -> None:
         for rel, lin in modules.items():
             full = f"{prefix}.{rel}"
-            if not isinstance(lin, torch.nn.Linear) or full not in stats or rel.endswith(NO_CLIP):
+            if not isinstance(lin, torch.nn.Linear) or full not in stats or full in no_clip:
                 continue
             x = stats[full].sample[: self.clip_tokens]
             if full in input_scale:

@@ -6,6 +6,22 @@ compensated so far. With ``act_order`` the columns are solved in decreasing orde
 Hessian diagonal (the most active inputs first, while the most columns remain to absorb their
 error), but every grid is fixed beforehand on the original column groups ("static groups"): the
 stored layer is then the plain ``pack-quantized`` layout and inference needs no permutation.
+
+Defaults, and where they come from:
+
+- ``act_order=True`` (static groups): llm-compressor's ``GPTQModifier`` defaults to
+  ``actorder="static"`` and GPTQModel's ``QuantizeConfig`` to ``desc_act=True``; the GPTQ
+  reference code offers the ordering as ``--act-order``.
+- ``damp=0.01``: λ = 1 % of the mean Hessian diagonal, as in the GPTQ paper (Frantar et al.
+  2022, its Cholesky step; ``percdamp=.01`` in its code), llm-compressor
+  (``dampening_frac=0.01``) and AutoGPTQ (``damp_percent=0.01``; GPTQModel's default has varied
+  between 0.005 and 0.01). A Hessian not positive definite at that gets ten times more, with a
+  warning (:func:`~presso.compressors.ptq.obs.inverse_cholesky`).
+- ``blocksize=128``: the paper's lazy batch of B = 128 columns, llm-compressor's ``block_size``.
+  It changes speed, not the result (up to rounding).
+- Calibration (the pipeline's ``compress.calibration``): 128 windows, as the paper's 128 random
+  segments (of 2,048 C4 tokens there); presso's windows are 512 tokens of the train split by
+  default, to keep CPU runs short — raise ``seq_len`` for long-context models.
 """
 
 from __future__ import annotations
@@ -108,11 +124,13 @@ def gptq_quantize(
     return rounder.q, rounder.scale, rounder.zero
 
 
-@register("gptq")
+@register(
+    "gptq", "round one input column at a time, the later columns absorbing its error (calibrated)"
+)
 @dataclass
 class GPTQ(GridSettings):
     damp: float = 0.01  # dampening added to the Hessian diagonal, relative to its mean
-    act_order: bool = False  # solve columns by decreasing Hessian diagonal (static groups)
+    act_order: bool = True  # solve columns by decreasing Hessian diagonal (static groups)
     blocksize: int = 128  # columns per lazy update batch (rounded to a multiple of group_size)
 
     needs_calibration = True

@@ -11,7 +11,7 @@ from presso.compressors.quant.primitives import GridSettings, fit_grid, quantize
 from presso.compressors.registry import register
 
 
-@register("rtn")
+@register("rtn", "round each weight group to its min-max grid; no data needed, the baseline")
 @dataclass
 class RTN(GridSettings):
     needs_calibration = False

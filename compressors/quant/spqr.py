@@ -110,7 +110,9 @@ class _SpQRRule:
         return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))
 
 
-@register("spqr")
+@register(
+    "spqr", "GPTQ on small groups with 3-bit scales, the hardest weights kept in fp16 (calibrated)"
+)
 @dataclass
 class SpQR(GridSettings):
     bits: int = 3  # code width, 2..8

@@ -21,7 +21,6 @@ from presso.compressors.ptq.blocks import (
     compress_model,
     select_layers,
 )
-from presso.compressors.ptq.calibration import sum_shards
 
 GRID = {"bits": 4, "group_size": 32}
 RECIPES = {
@@ -69,22 +68,13 @@ def test_artifact_reloads_to_the_compressed_model_exactly(tiny_llama, calib, tmp
         assert torch.equal(loaded(ids).logits, tiny_llama(ids).logits)
 
 
-class TwoShards(InProcess):
-    """Statistics per data shard, summed as the Ray steps sum them."""
-
-    def stats(self, block, prefix, inputs, make_stats, names):
-        parts = [super(TwoShards, self).stats(block, prefix, inputs.shard(i, 2), make_stats, names)
-                 for i in range(2)]  # fmt: skip
-        return sum_shards(parts)
-
-
 def test_sharded_statistics_give_compress_models_records(tiny_llama, calib):
     """The block loop with statistics summed over two data shards (what the Ray steps do) must
     give exactly the records the one-process run gives."""
     reference = compress_model(copy.deepcopy(tiny_llama), [{"gptq": GRID}], calib)
     recipe = Recipe.parse([{"gptq": GRID}])
     layers = select_layers(tiny_llama, recipe, ["lm_head"])
-    records, reports = compress_blocks(tiny_llama, layers, recipe, TwoShards(), calib)
+    records, reports = compress_blocks(tiny_llama, layers, recipe, InProcess(shards=2), calib)
     assert records.keys() == reference.keys() == {r.name for r in reports}
     for name, rec in records.items():
         assert torch.equal(rec.q, reference[name].q), name

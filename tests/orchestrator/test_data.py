@@ -78,3 +78,20 @@ def test_real_corpus_splits_are_stable():
         "\n\n".join(works[w] for w in ["macbeth", "tempest"]).encode()
     )
     assert not works["hamlet"].startswith("*** START")
+
+
+def test_windows_lead_with_bos_where_the_model_needs_it():
+    """Gemma computes garbage on a window that does not start with BOS: given the tokenizer's
+    BOS, every evaluation and calibration window is BOS then ``seq_len - 1`` tokens of the
+    split, the split read in order; without one nothing changes (SmolLM2, bytes)."""
+    from presso.orchestrator.compress import calibration_batches
+    from presso.orchestrator.data import windows
+
+    tokens = torch.arange(10, 30)
+    led = windows(tokens, 5, bos=1)
+    assert led.shape == (5, 5) and (led[:, 0] == 1).all()
+    assert torch.equal(led[:, 1:].flatten(), tokens)
+    assert torch.equal(windows(tokens, 5), tokens.reshape(4, 5))
+    calib = torch.cat(calibration_batches(tokens, 3, 5, 2, seed=0, bos=1))
+    assert calib.shape == (3, 5) and (calib[:, 0] == 1).all() and (calib[:, 1:] >= 10).all()
+    assert calibration_batches(tokens, 3, 5, 2, seed=0)[0].shape == (2, 5)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from presso.compressors.ptq.architectures import LLAMA
 from presso.compressors.ptq.blocks import (
     Recipe,
     accumulate_stats,
@@ -47,7 +48,7 @@ def test_scaling_is_an_exact_fold(kv_heads, make_llama):
     before = block_outputs(block, inputs).hidden
     norm_before = block.input_layernorm.weight.clone()
     stats = accumulate_stats(block, inputs, awq.make_stats, linears)
-    alphas = awq.transform_block(block, stats, prefix)
+    alphas = awq.transform_block(block, stats, prefix, LLAMA)
     after = block_outputs(block, inputs).hidden
     assert ("self_attn.v_proj" in alphas) == (kv_heads == 4)
     assert not torch.equal(block.input_layernorm.weight, norm_before)  # something was scaled

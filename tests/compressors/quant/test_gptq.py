@@ -86,3 +86,13 @@ def test_inputs_never_seen_are_zeroed_not_nan():
     rec = GPTQ(bits=4, group_size=16, damp=0.0).compress(torch.randn(8, 32), st)
     assert torch.isfinite(rec.dequantize()).all()
     assert (rec.dequantize()[:, 5] == 0).all()
+
+
+def test_defaults_are_the_practitioners():
+    """GPTQ out of the box is what llm-compressor and GPTQModel do by default (the module
+    docstring gives the sources): static-group act-order, 1 % dampening, 128-column blocks."""
+    from presso.compressors.registry import ALGORITHMS
+
+    defaults = {s.name: s.default for s in ALGORITHMS.settings("gptq")}
+    assert defaults["act_order"] is True
+    assert (defaults["damp"], defaults["blocksize"]) == (0.01, 128)
