@@ -103,14 +103,16 @@ class _PipelineRun(RunLogger):
 
 
 def _git_commit() -> str | None:
+    """The commit of the running code: git's, in a checkout; else $PRESSO_GIT_COMMIT, which the
+    image records from its build argument GIT_COMMIT (an image holds no .git)."""
     root = Path(presso.__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+        out = ""
+    return out or os.environ.get("PRESSO_GIT_COMMIT", "").strip() or None
 
 
 def _ray_submission_id() -> str | None:
