@@ -169,7 +169,9 @@ def test_run_joins_a_token_head_with_the_token_alone(ray_head, tmp_path):
     """`RAY_ADDRESS=... presso run` against a `ray start --head` head: the token is enough (presso
     turns Ray's token mode on), and without it the error names the missing piece at once."""
     ray_head.wait_ready()
-    base = _client_env(RAY_ADDRESS=ray_head.gcs, HOME=str(tmp_path))
+    # HOME elsewhere: no ~/.ray/auth_token to fall back on; the corpus from the usual cache
+    cache = os.environ.get("PRESSO_CACHE") or str(Path.home() / ".cache" / "presso")
+    base = _client_env(RAY_ADDRESS=ray_head.gcs, HOME=str(tmp_path), PRESSO_CACHE=cache)
     joined = subprocess.run(
         [sys.executable, "-c", JOIN], env={**base, "RAY_AUTH_TOKEN": ray_head.token},
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
