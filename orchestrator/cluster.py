@@ -49,7 +49,13 @@ def prepare_auth() -> None:
     if mode == "disabled":
         return
     if auth_token() is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"
+        if mode != "token":
+            os.environ["RAY_AUTH_MODE"] = "token"
+            # Ray caches its config when imported: refresh it, as Ray itself does when it
+            # turns token mode on (authentication_token_setup._enable_token_auth).
+            from ray._raylet import Config
+
+            Config.initialize("")
     elif mode == "token":
         raise ClusterError(
             "RAY_AUTH_MODE=token, but neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set; "

@@ -96,11 +96,13 @@ def test_pipeline_spreads_over_two_nodes_and_resumes_across_them(
     two_nodes, mlflow_server, tmp_path, monkeypatch
 ):
     import ray
+    from ray._raylet import Config
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from ray.util.state import list_actors
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", two_nodes["token"])
+    Config.initialize("")  # Ray read its config when first imported: make it see token mode
     ray.init(address=two_nodes["gcs"], logging_level="WARNING")
     try:
         deadline = time.monotonic() + 120
@@ -121,7 +123,7 @@ def test_pipeline_spreads_over_two_nodes_and_resumes_across_them(
             return blocker
 
         def actors(cls):
-            return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", cls)], limit=1000, detail=True)}  # fmt: skip
+            return {a.actor_id: a.node_id for a in list_actors(address=two_nodes["gcs"], filters=[("class_name", "=", cls)], limit=1000, detail=True)}  # fmt: skip
 
         env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"], "MLFLOW_TRACKING_URI": mlflow_server.uri}  # fmt: skip
         common = [*TINY, "train.workers=1", f"run.output_dir={tmp_path}", "run.name=two-nodes"]
