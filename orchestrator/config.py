@@ -280,8 +280,9 @@ def validate(cfg: PressoConfig) -> None:
             f"ray.resources_timeout_s: must be >= 0, got {cfg.ray.resources_timeout_s}"
         )
     for key in ("dashboard_port", "metrics_export_port"):
-        if not 0 <= getattr(cfg.ray, key) <= 65535:
-            raise ConfigError(f"ray.{key}: expected 0 (a free port) to 65535, got {getattr(cfg.ray, key)}")  # fmt: skip
+        port = getattr(cfg.ray, key)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"ray.{key}: expected 0 (a free port) to 65535, got {port}")
     _positive("compress", workers=c.workers, threads_per_worker=c.threads_per_worker)
     k = c.calibration
     _positive("compress.calibration", samples=k.samples, seq_len=k.seq_len)
