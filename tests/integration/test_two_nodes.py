@@ -11,6 +11,7 @@ NFS mount or the like, as in k8s/).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,13 +141,14 @@ def test_pipeline_spreads_over_two_nodes_and_resumes_across_them(
 
         # 2. resume on the head from that checkpoint (the second node's CPU is held until the
         # trained model is there), then compress on both nodes
+        trained = tmp_path / "two-nodes" / "trained"
+        shutil.rmtree(trained)  # the first run's: its reappearance says the second trained
         blocker = hold(other_id)
         resumed = subprocess.Popen(
             [str(BIN / "presso"), "run", "jobs/quickstart.yaml", *common, "train.steps=6",
              f"train.resume_from={checkpoint}", "compress.workers=2"],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        trained = tmp_path / "two-nodes" / "trained"
         deadline = time.monotonic() + 300
         while not trained.is_dir() and resumed.poll() is None:
             assert time.monotonic() < deadline, "the resumed training did not finish"
