@@ -1,8 +1,10 @@
 # The image the k8s/ manifests run: Ray head, Ray workers, the job driver and the MLflow server.
 # Build from the repository root (Docker or any OCI builder):
-#   docker build -t ghcr.io/presso/presso:0.1.0-cpu .
-#   docker build -t ghcr.io/presso/presso:0.1.0-cu128 \
+#   docker build -t ghcr.io/presso/presso:0.1.0-cpu --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+#   docker build -t ghcr.io/presso/presso:0.1.0-cu128 --build-arg GIT_COMMIT=$(git rev-parse HEAD) \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+# .git stays out of the image (.dockerignore): GIT_COMMIT is how runs from the image still name
+# the commit they ran (the MLflow tag mlflow.source.git.commit).
 # The CUDA tag needs only the node's NVIDIA driver: the torch wheel brings the CUDA libraries.
 FROM python:3.11-slim-bookworm
 
@@ -39,6 +41,12 @@ RUN pip install --no-deps --no-build-isolation . && pip check \
     && python -c "from presso.orchestrator.data import SHAKESPEARE; \
 from presso.orchestrator.fetch import fetch; fetch(SHAKESPEARE)"
 
-# uid 1000, as in Ray's own images; the pods' fsGroup makes their volumes writable for it.
-RUN useradd --create-home --uid 1000 ray && chown -R ray /opt/presso
+# uid 1000, as in Ray's own images; the pods' fsGroup makes their volumes writable for it. The
+# work dir itself is its own (a relative run.output_dir is created there); the code in it is not.
+RUN useradd --create-home --uid 1000 ray && chown -R ray /opt/presso && chown ray /app
 USER 1000
+
+# Last, so that a new commit rebuilds only this layer.
+ARG GIT_COMMIT=""
+ENV PRESSO_GIT_COMMIT=$GIT_COMMIT
+LABEL org.opencontainers.image.revision=$GIT_COMMIT

@@ -45,9 +45,13 @@ The cluster runs `presso run JOB key=value ...` with the presso installed there 
 --pip). With --working-dir the folder is uploaded (without .venv, .git, outputs and whatever
 .gitignore lists) and JOB is taken relative to it; without it, JOB must exist on the cluster.
 
+Tracking: the job logs to tracking.uri, else to --tracking URI (sent as MLFLOW_TRACKING_URI),
+which every node must reach; without one, submit refuses (the job's sqlite store would be lost
+with its working directory) unless --tracking local-to-job says that is wanted.
+
 Token authentication (on by default for `ray start --head`): presso sends the token from
-$RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. Get it on the head
-with `ray get-auth-token`. RAY_AUTH_MODE=disabled sends none.
+$RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH; never ~/.ray/auth_token by itself (any
+`ray start --head` on the machine writes one). Get it on the head with `ray get-auth-token`.
 """
 
 
@@ -59,6 +63,10 @@ def _submit_parser(sub) -> None:
         default=os.environ.get("RAY_API_SERVER_ADDRESS"),
         help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)",
     )
+    p.add_argument(
+        "--tracking", metavar="URI",
+        help="the MLflow server the job logs to (every node must reach it), or local-to-job",
+    )  # fmt: skip
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only on success")
     p.add_argument(
         "--lost-after",
@@ -141,7 +149,8 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("submit: --address (or $RAY_API_SERVER_ADDRESS) is required")
     return submit(
         args.job, args.overrides, args.address, working_dir=args.working_dir,
-        pip=args.pip, env=args.env, follow=args.follow, lost_after_s=args.lost_after,
+        pip=args.pip, env=args.env, tracking=args.tracking, follow=args.follow,
+        lost_after_s=args.lost_after,
     )  # fmt: skip
 
 

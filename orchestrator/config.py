@@ -137,6 +137,10 @@ class RayConfig:
     # how long to wait for a cluster (an autoscaling one) to offer the CPUs/GPUs a stage asks for;
     # a local Ray started by presso cannot grow, so it is refused at once
     resources_timeout_s: float = 60.0
+    # Ports of a local Ray started by presso; 0 means a free one, chosen when it starts (another
+    # Ray on the machine may hold Ray's defaults). Ray picks its other ports free by itself.
+    dashboard_port: int = 0
+    metrics_export_port: int = 0
 
 
 @dataclass
@@ -287,6 +291,10 @@ def validate(cfg: PressoConfig) -> None:
         raise ConfigError(
             f"ray.resources_timeout_s: must be >= 0, got {cfg.ray.resources_timeout_s}"
         )
+    for key in ("dashboard_port", "metrics_export_port"):
+        port = getattr(cfg.ray, key)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"ray.{key}: expected 0 (a free port) to 65535, got {port}")
     _positive("compress", workers=c.workers, threads_per_worker=c.threads_per_worker)
     k = c.calibration
     _positive("compress.calibration", samples=k.samples, seq_len=k.seq_len)

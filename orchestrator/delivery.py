@@ -16,7 +16,7 @@ from pathlib import Path
 
 from presso import PressoError
 from presso.orchestrator.model_registry import CHAMPION, Registered, log_and_register
-from presso.orchestrator.spool import Spool, find_spools, is_local
+from presso.orchestrator.spool import Spool, find_spools, is_local, metric_points
 
 # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) stall a run for minutes per call
 # while the server is down; presso wants to know in seconds and spool. Users can still override.
@@ -105,6 +105,9 @@ class Link:
         self.uri = uri
         self.spool = Spool(spool) if spool is not None else None
         self._client = None
+        # Metrics records MLflow took, kept in memory: written to the spool's journal only once
+        # this process spools something, so a healthy run writes no spool file at all.
+        self._sent: list[dict] = []
 
     @property
     def client(self):
@@ -120,7 +123,7 @@ class Link:
         return {"uri": self.uri, "spool": self.spool, "down": self.down}  # learns of an outage
 
     def __setstate__(self, state: dict) -> None:
-        self.uri, self.spool, self._client = state["uri"], state["spool"], None
+        self.uri, self.spool, self._client, self._sent = state["uri"], state["spool"], None, []
         if state["down"]:
             _DOWN.add(self.uri)
 
@@ -133,7 +136,7 @@ class Link:
         the record names a run or experiment that so far exists only in the spool."""
         offline = self.down or is_local(record.get("run")) or is_local(record.get("experiment"))
         if self.spool is not None and offline:
-            self.spool.append(record, self.uri)
+            self._spool(record)
             return None
         try:
             result = apply(self.client, self.uri, record)
@@ -141,11 +144,18 @@ class Link:
             if self.spool is None or not is_outage(e):
                 raise
             self._went_down(e)
-            self.spool.append(record, self.uri)
+            self._spool(record)
             return None
         if self.spool is not None and record["kind"] == "metrics":
-            self.spool.journal(record)
+            self._sent.append(record)
         return result
+
+    def _spool(self, record: dict) -> None:
+        """Append to the spool, with the journal of what MLflow took first (see ``_sent``)."""
+        for sent in self._sent:
+            self.spool.journal(sent)
+        self._sent.clear()
+        self.spool.append(record, self.uri)
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of a metric, by step: what MLflow holds (asked while it answers,
@@ -160,7 +170,11 @@ class Link:
                 self._went_down(e)
         if self.spool is None:
             return points
-        points = (points or []) + self.spool.metric_history(run_id, key, sent=points is None)
+        if points is None:  # MLflow away: what it took, as this process and the journal recall
+            journal = self.spool.metric_history(run_id, key, sent=True)
+            points = metric_points(self._sent, run_id, key) + journal
+        else:
+            points += self.spool.metric_history(run_id, key)
         return sorted(points, key=lambda p: p[0])
 
     def _went_down(self, error: Exception) -> None:

@@ -29,16 +29,68 @@ def promotes(perplexity: float | None, champion: float | None) -> bool:
     return perplexity is not None and math.isfinite(perplexity) and perplexity < champion
 
 
-def _champion_perplexity(client, name: str) -> float | None:
-    """The champion's perplexity; inf if its tag is missing or unreadable, None if no champion."""
-    version = client.get_registered_model(name).aliases.get(CHAMPION)
-    if version is None:
-        return None
+def _perplexity(version) -> float:
+    """A version's test perplexity; inf if its tag is missing, unreadable or not finite."""
     try:
-        value = float(client.get_model_version(name, version).tags[PPL_TAG])
+        value = float(version.tags[PPL_TAG])
     except (KeyError, ValueError):
         return math.inf
     return value if math.isfinite(value) else math.inf
+
+
+def _versions(client, name: str) -> list:
+    """Every version of the registered model ``name``, oldest first, with its tags."""
+    quote = "'" if "'" not in name else '"'
+    found = client.search_model_versions(f"name = {quote}{name}{quote}")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _champion_of(versions: list, current: str | None) -> str | None:
+    """Who should hold ``champion``: starting from the version that holds it now, each version,
+    oldest first, that :func:`promotes` over the holder takes it."""
+    by_number = {str(v.version): v for v in versions}
+    holder = by_number.get(current) if current is not None else None
+    best = None if holder is None else (holder.version, _perplexity(holder))
+    for v in versions:
+        ppl = _perplexity(v) if PPL_TAG in v.tags else None
+        if promotes(ppl, None if best is None else best[1]):
+            best = (v.version, _perplexity(v))
+    return None if best is None else str(best[0])
+
+
+def _newest(versions: list, current: str | None) -> str | None:
+    return str(versions[-1].version) if versions else current
+
+
+# Two registrations a few hundred ms apart are common (a sweep, two pipelines); a livelock of
+# more rounds than this is not: each round ends with the alias on the best version it saw.
+_SETTLE_ROUNDS = 20
+
+
+def _settle(client, name: str, alias: str, choose) -> str | None:
+    """Compare-and-set on an alias, which MLflow cannot do atomically: read every version and
+    the alias, move it to ``choose(versions, holder)``, and read again until the alias already
+    names that. Every registration tags its version before it settles, so the last write of any
+    registration is followed by a read that sees every version tagged before it: concurrent
+    registrations end with the alias where one after the other would have left it."""
+    from mlflow.exceptions import MlflowException
+
+    refused = None
+    for _ in range(_SETTLE_ROUNDS):
+        holder = client.get_registered_model(name).aliases.get(alias)
+        holder = None if holder is None else str(holder)
+        chosen = choose(_versions(client, name), holder)
+        if chosen is None or chosen == holder:
+            return holder
+        try:
+            client.set_registered_model_alias(name, alias, chosen)
+        except MlflowException as e:
+            # Two first writes of an alias collide in the server's store (a unique constraint):
+            # the other one won; read again. Any other refusal repeats, and is raised below.
+            refused = e
+    if refused is not None:
+        raise refused
+    raise RuntimeError(f"registry {name}: alias {alias} still moving after {_SETTLE_ROUNDS} rounds")
 
 
 def log_and_register(
@@ -77,12 +129,10 @@ def log_and_register(
 
 
 def apply_alias_policy(client, name: str, version: str, perplexity: float | None) -> bool:
-    """Tag a new model version with its perplexity, make it ``candidate``, and ``champion`` if
-    :func:`promotes` says so; returns whether it became champion."""
+    """Tag a new model version with its perplexity, then settle the aliases: ``candidate`` on the
+    newest version, ``champion`` as :func:`promotes` decides, safe against other registrations
+    of the same model at the same time. Returns whether this version holds ``champion``."""
     if perplexity is not None:
         client.set_model_version_tag(name, version, PPL_TAG, repr(perplexity))
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    champion = promotes(perplexity, _champion_perplexity(client, name))
-    if champion:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    return champion
+    _settle(client, name, CANDIDATE, _newest)
+    return _settle(client, name, CHAMPION, _champion_of) == str(version)

@@ -54,10 +54,16 @@ def ensure_ray(cfg: PressoConfig) -> None:
 
     if ray.is_initialized():
         return
+    from presso.orchestrator.cluster import join_error, local_ray_ports, prepare_auth
+
     address = ray_address(cfg)
     if address:
         _check_listening(address, cfg.ray.connect_timeout_s)
-        ray.init(address=address, logging_level="WARNING")
+        prepare_auth()
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            raise join_error(address, e) from None
     else:
         # A local Ray of presso's own: token auth on (Ray's default) without the warning that
         # says so; no spot-instance preemption to watch for (its watcher logs an error on start).
@@ -72,6 +78,7 @@ def ensure_ray(cfg: PressoConfig) -> None:
             num_cpus=cfg.ray.num_cpus or os.cpu_count(),
             include_dashboard=True,  # Ray Train's state API needs it
             logging_level="WARNING",
+            **local_ray_ports(cfg.ray.dashboard_port, cfg.ray.metrics_export_port),
         )
 
 
@@ -302,6 +309,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
 
 def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run the requested and enabled ``stages`` of a validated config; returns the summary."""
+    from presso.orchestrator.cluster import check_shared
     from presso.orchestrator.models import load_pretrained
     from presso.orchestrator.tracking import Tracking
 
@@ -320,6 +328,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     )
     ensure_ray(cfg)
     check_resources(cfg, plan.stages)
+    check_shared(plan.out)
     tracking = Tracking(cfg)
     parent = tracking.start()
     summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}

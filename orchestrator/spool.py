@@ -11,7 +11,9 @@ A spool is a folder holding
 - ``state.json``: replay progress: how many records are replayed, and the real MLflow id of every
   experiment and run created while offline under a local placeholder id.
 - ``sent.jsonl``: the metrics MLflow did take, never replayed: while MLflow is away they and the
-  spooled ones still make a run's whole metric history (for the summary and the plots).
+  spooled ones still make a run's whole metric history (for the summary and the plots). A
+  process keeps this journal in memory and writes it here once it spools its first record: a
+  run that never lost its server leaves no spool at all.
 
 Replay is resumable: each record is replayed once, in the order written, and progress is saved
 after each one, so a server that fails again mid-replay costs nothing but a second ``sync``.
@@ -112,13 +114,7 @@ class Spool:
     def metric_history(self, run_id: str, key: str, sent: bool = False) -> list[tuple[int, float]]:
         """``(step, value)`` of the pending ``key`` metrics of one run, and the sent ones too if
         ``sent``."""
-        return [
-            (step, value)
-            for r in self.pending() + (self._read(SENT) if sent else [])
-            if r["kind"] == "metrics" and r["run"] == run_id
-            for k, value, _, step in r["metrics"]
-            if k == key
-        ]
+        return metric_points(self.pending() + (self._read(SENT) if sent else []), run_id, key)
 
     def replay(self, apply: Callable[[dict], object]) -> list[tuple[dict, object]]:
         """Send the pending records through ``apply``, with real ids and absolute paths in them.
@@ -149,6 +145,17 @@ class Spool:
         if "path" in record:
             record["path"] = str(self.root / record["path"])
         return record
+
+
+def metric_points(records: list[dict], run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of the ``key`` metrics of one run in ``records``."""
+    return [
+        (step, value)
+        for r in records
+        if r["kind"] == "metrics" and r["run"] == run_id
+        for k, value, _, step in r["metrics"]
+        if k == key
+    ]
 
 
 def _batches(records: list[dict], start: int) -> Iterator[tuple[int, dict]]:

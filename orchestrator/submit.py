@@ -15,8 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from presso import ClusterError, ConfigError, PressoError
+from presso.orchestrator.cluster import auth_token
 from presso.orchestrator.config import load_config
 
 # Never uploaded with --working-dir: environments, outputs and caches (Ray also honours .gitignore).
@@ -85,19 +87,70 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 
 def auth_headers() -> dict[str, str]:
-    """A bearer token for heads with token authentication, which `ray start --head` enables.
-
-    Looked up where Ray's own clients look: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, then
-    ~/.ray/auth_token. Heads without authentication ignore the header; RAY_AUTH_MODE=disabled
-    sends none.
-    """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        token = path.read_text().strip() if path.is_file() else ""
+    """A bearer token for heads with token authentication, which `ray start --head` enables:
+    $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH (never ~/.ray/auth_token by itself, see
+    ``cluster.py``). Heads without authentication ignore the header."""
+    token = auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+LOCAL_TO_JOB = "local-to-job"
+_LOOPBACK = ("localhost", "127.", "::1", "[::1]", "0.0.0.0")
+
+
+def _host(url: str) -> str:
+    return urlsplit(url if "://" in url else f"//{url}").hostname or ""
+
+
+def tracking_env(cfg_uri: str | None, tracking: str | None, env: dict[str, str], address: str):
+    """The variables that tell the job where to log, after checking that the cluster can reach
+    it; raises ConfigError instead of letting a job log where nobody will find it.
+
+    The job logs to ``tracking.uri`` if the config sets it, else to $MLFLOW_TRACKING_URI in its
+    environment (``--tracking URI`` or ``--env MLFLOW_TRACKING_URI=...``). With neither, presso
+    would log to sqlite inside the job's temporary working directory on the cluster, lost when
+    the job ends: that takes ``--tracking local-to-job``, said out loud.
+    """
+    env = dict(env)
+    if tracking == LOCAL_TO_JOB:
+        if cfg_uri or env.get("MLFLOW_TRACKING_URI"):
+            raise ConfigError(f"--tracking {LOCAL_TO_JOB}: but a tracking URI is also given")
+        env["PRESSO_TRACKING"] = LOCAL_TO_JOB
+        return env
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = tracking
+    uri = cfg_uri or env.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        here = os.environ.get("MLFLOW_TRACKING_URI")
+        raise ConfigError(
+            "submit: no tracking URI for the job: it would log to sqlite in its temporary "
+            "working directory on the cluster, lost when the job ends. Pass --tracking "
+            "http://MLFLOW:5000 (a server every node reaches) or tracking.uri=..., or --tracking "
+            f"{LOCAL_TO_JOB} to accept that"
+            + (
+                f" ($MLFLOW_TRACKING_URI={here} here is not sent; --tracking {here} sends it)"
+                if here
+                else ""
+            )  # fmt: skip
+        )
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file", "sqlite") and not _absolute(uri):
+        raise ConfigError(
+            f"tracking URI {uri}: a relative path names the job's temporary working directory "
+            "on the cluster, lost when the job ends; use a server or an absolute shared path"
+        )
+    if _host(uri).startswith(_LOOPBACK) and not _host(address).startswith(_LOOPBACK):
+        raise ConfigError(
+            f"tracking URI {uri} names this machine's loopback, but the job runs on the cluster "
+            f"at {address}, where it names each node itself; use an address the nodes reach"
+        )
+    return env
+
+
+def _absolute(uri: str) -> bool:
+    """Whether a path URI (``sqlite:///...``, ``file:...`` or a plain path) is absolute."""
+    path = uri.split(":///", 1)[-1] if ":///" in uri else uri.split(":", 1)[-1]
+    return path.startswith("/")
 
 
 def _client(address: str):
@@ -109,7 +162,8 @@ def _client(address: str):
     except AuthenticationError:
         raise PressoError(
             f"the Ray cluster at {address} refused the request: it needs the token that "
-            "`ray get-auth-token` prints on its head; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+            "`ray get-auth-token` prints on its head; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; "
+            "presso does not read ~/.ray/auth_token by itself)"
         ) from None
     except ConnectionError as e:
         raise PressoError(
@@ -179,15 +233,25 @@ def submit(
     working_dir: str | None = None,
     pip: Sequence[str] = (),
     env: Sequence[str] = (),
+    tracking: str | None = None,
     follow: bool = False,
     lost_after_s: float = 60.0,
 ) -> int:
     """Validate the job locally, submit it, print its submission id; ``follow`` streams its logs.
+    ``tracking``: where the job logs (see :func:`tracking_env`).
 
     Returns the exit status: 0 once submitted (with ``follow``: once it SUCCEEDED), else 1.
     """
-    load_config(job, overrides)
-    runtime = runtime_env(working_dir, pip, parse_env(env))
+    cfg = load_config(job, overrides)
+    job_env = tracking_env(cfg.tracking.uri, tracking, parse_env(env), address)
+    if tracking == LOCAL_TO_JOB:
+        print(
+            f"presso: --tracking {LOCAL_TO_JOB}: the job logs to sqlite under its run.output_dir "
+            "on the cluster (a relative one is in the job's temporary working directory, deleted "
+            "with it)",
+            file=sys.stderr,
+        )
+    runtime = runtime_env(working_dir, pip, job_env)
     command = entrypoint(cluster_job_path(job, working_dir), list(overrides))
     client = _client(address)
     try:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import presso
+from presso import ConfigError
 from presso.orchestrator.config import PressoConfig, flatten, to_dict, to_yaml
 from presso.orchestrator.delivery import Link, settle
 from presso.orchestrator.model_registry import Registered
@@ -28,11 +29,27 @@ _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
 
 
 def resolve_uri(cfg: PressoConfig) -> str:
-    """Config, then $MLFLOW_TRACKING_URI, then a sqlite store under run.output_dir."""
+    """Config, then $MLFLOW_TRACKING_URI, then a sqlite store under run.output_dir.
+
+    Not that store in a job submitted to a Ray cluster whose run.output_dir is relative: it
+    would sit in the job's temporary working directory and go with it, unless the submitter
+    said it wants that (``presso submit --tracking local-to-job`` sets $PRESSO_TRACKING)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    submitted = _ray_submission_id()
+    if (
+        submitted
+        and not Path(cfg.run.output_dir).is_absolute()
+        and os.environ.get("PRESSO_TRACKING") != "local-to-job"
+    ):
+        raise ConfigError(
+            f"tracking: this is Ray job {submitted} with no MLFLOW_TRACKING_URI or tracking.uri; "
+            "its sqlite store would be in the job's temporary working directory, lost when it "
+            "ends. Give the job a tracking server (`presso submit --tracking URI`, or the env "
+            "var in its runtime env), or accept that with PRESSO_TRACKING=local-to-job"
+        )
     return f"sqlite:///{Path(cfg.run.output_dir).resolve() / 'mlflow.db'}"
 
 
@@ -103,14 +120,16 @@ class _PipelineRun(RunLogger):
 
 
 def _git_commit() -> str | None:
+    """The commit of the running code: git's, in a checkout; else $PRESSO_GIT_COMMIT, which the
+    image records from its build argument GIT_COMMIT (an image holds no .git)."""
     root = Path(presso.__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+        out = ""
+    return out or os.environ.get("PRESSO_GIT_COMMIT", "").strip() or None
 
 
 def _ray_submission_id() -> str | None:

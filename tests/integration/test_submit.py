@@ -54,6 +54,7 @@ class RayHead:
         self.temp = tempfile.mkdtemp(prefix="presso-head-")
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
         self.address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        self.gcs = f"127.0.0.1:{ports['--port']}"  # what RAY_ADDRESS names to join it
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # jobs run `presso` from the head's PATH
         env.pop("RAY_ADDRESS", None)
@@ -118,7 +119,7 @@ def test_submitted_job_succeeds_and_is_tracked(ray_head, mlflow_server, tmp_path
         [
             str(BIN / "presso"), "submit", "jobs/quickstart.yaml", *args,
             "--address", ray_head.address, "--working-dir", str(REPO), "--follow",
-            "--env", f"MLFLOW_TRACKING_URI={mlflow_server.uri}",
+            "--tracking", mlflow_server.uri,
         ],
         env=_client_env(RAY_AUTH_TOKEN=ray_head.token), cwd=REPO,
         capture_output=True, text=True, timeout=600,
@@ -142,12 +143,46 @@ def test_submitted_job_succeeds_and_is_tracked(ray_head, mlflow_server, tmp_path
 def test_missing_token_is_one_clear_line(ray_head, tmp_path):
     """Without the head's token the user is told where presso looks for one, not a traceback."""
     ray_head.wait_ready()
-    env = _client_env(RAY_AUTH_TOKEN_PATH=str(tmp_path / "no-token"))
-    proc = subprocess.run(
-        [str(BIN / "presso"), "submit", "jobs/quickstart.yaml", "--address", ray_head.address],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("another cluster's token")
+    argv = ["submit", "jobs/quickstart.yaml", "--address", ray_head.address]
+    argv += ["--tracking", "http://127.0.0.1:5000"]  # the head is on this machine too
+    for env in (
+        _client_env(HOME=str(tmp_path)),  # ~/.ray/auth_token is not read by itself
+        _client_env(RAY_AUTH_TOKEN_PATH=str(tmp_path / "no-token")),
+    ):
+        proc = subprocess.run(
+            [str(BIN / "presso"), *argv],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
+
+
+JOIN = "from presso.orchestrator.config import load_config; from presso.orchestrator.pipeline import ensure_ray; import ray; ensure_ray(load_config(None)); print(int(ray.cluster_resources()['CPU']))"
+
+
+@pytest.mark.integration
+def test_run_joins_a_token_head_with_the_token_alone(ray_head, tmp_path):
+    """`RAY_ADDRESS=... presso run` against a `ray start --head` head: the token is enough (presso
+    turns Ray's token mode on), and without it the error names the missing piece at once."""
+    ray_head.wait_ready()
+    # HOME elsewhere: no ~/.ray/auth_token to fall back on; the corpus from the usual cache
+    cache = os.environ.get("PRESSO_CACHE") or str(Path.home() / ".cache" / "presso")
+    base = _client_env(RAY_ADDRESS=ray_head.gcs, HOME=str(tmp_path), PRESSO_CACHE=cache)
+    joined = subprocess.run(
+        [sys.executable, "-c", JOIN], env={**base, "RAY_AUTH_TOKEN": ray_head.token},
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert joined.stdout.split()[-1] == "2"
+    refused = subprocess.run(
+        [str(BIN / "presso"), "run", str(REPO / "jobs/quickstart.yaml")],
+        env=base, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("presso: error:")]
+    assert f"could not join the Ray cluster at {ray_head.gcs}" in line
+    assert "RAY_AUTH_TOKEN" in line and "ray get-auth-token" in line

@@ -5,8 +5,9 @@ anything else, so it cannot silently render something kustomize would render dif
 
 - ``resources``: YAML files, and folders holding a kustomization (rendered recursively);
 - ``namespace``: set on every object (k8s/ has no cluster-scoped kinds);
-- ``images``: ``name`` → ``newName`` / ``newTag`` in every ``containers``/``initContainers``
-  list at any depth (kustomize does the same for custom resources such as RayJob);
+- ``images``: ``name`` → ``newName`` / ``newTag`` / ``digest`` (which replaces the tag, as
+  kustomize's does) in every ``containers``/``initContainers`` list at any depth (kustomize does
+  the same for custom resources such as RayJob);
 - ``patches``: JSON6902 operation lists (``add``, ``remove``, ``replace``) with a ``target``
   (``group``/``kind``/``name``), inline or from a file;
 - ``configMapGenerator``: ``files`` entries with ``disableNameSuffixHash`` (a hash suffix would
@@ -125,7 +126,7 @@ def _json6902(obj: dict, op: dict) -> None:
 
 
 def _set_images(node, image: dict) -> None:
-    if set(image) - {"name", "newName", "newTag"}:
+    if set(image) - {"name", "newName", "newTag", "digest"}:
         raise NotImplementedError(f"images entry {image}")
     if isinstance(node, list):
         for item in node:
@@ -142,5 +143,8 @@ def _new_image(current: str, image: dict) -> str:
     name, _, tag = current.rpartition(":") if ":" in current.split("/")[-1] else (current, "", "")
     if name != image["name"]:
         return current
+    name = image.get("newName", name)
+    if "digest" in image:
+        return f"{name}@{image['digest']}"
     tag = image.get("newTag", tag)
-    return image.get("newName", name) + (f":{tag}" if tag else "")
+    return name + (f":{tag}" if tag else "")

@@ -2,8 +2,9 @@
 
 There is no cluster here, so validity means: RayJobs match the KubeRay v1.7.0 CRD schema with
 unknown fields refused (an API server would silently prune a misspelled field, and the job would
-run without it), built-in kinds match Kubernetes' own schemas (kubernetes-validate, strict), and
-each RayJob's entrypoint names a job file that exists and whose config loads.
+run without it), built-in kinds match Kubernetes' own schemas (kubernetes-validate, strict),
+every pod they make passes Pod Security "restricted" (``pod_security.py``), and each RayJob's
+entrypoint names a job file that exists and whose config loads.
 """
 
 import copy
@@ -23,6 +24,7 @@ import presso
 from presso.orchestrator.config import load_config
 
 from .kustomize_lite import render as render_lite
+from .pod_security import pod_specs, restricted_violations
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -30,7 +32,15 @@ K8S = REPO / "k8s"
 CRDS = REPO.parent / "shared" / "kuberay-crds"
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 KUBERNETES = "1.32"  # the oldest minor version the manifests promise to work on
-FOLDERS = ["common", "base", "overlays/cpu-small", "overlays/gpu", "mlflow", "schedule"]
+FOLDERS = [
+    "common",
+    "base",
+    "overlays/cpu-small",
+    "overlays/gpu",
+    "overlays/production",
+    "mlflow",
+    "schedule",
+]
 
 # Embedded ObjectMeta: the CRD says only `type: object` (the API server checks it itself).
 OBJECT_META = {
@@ -102,14 +112,6 @@ def crd_validator(kind: str) -> Draft202012Validator:
     return Draft202012Validator(strict(schema))
 
 
-def embedded(obj: dict) -> list[dict]:
-    """RayJob templates a ConfigMap carries (the nightly schedule's)."""
-    if obj["kind"] != "ConfigMap":
-        return []
-    docs = [yaml.safe_load(v) for k, v in obj.get("data", {}).items() if k.endswith(".yaml")]
-    return [d for d in docs if isinstance(d, dict) and d.get("apiVersion", "").startswith("ray.")]
-
-
 def problems(obj: dict) -> list[str]:
     """Why an API server would reject (or silently change) ``obj``; empty if it is valid."""
     meta = obj.get("metadata", {})
@@ -123,18 +125,28 @@ def problems(obj: dict) -> list[str]:
             found = []
         except kubernetes_validate.ValidationError as e:
             found = [f"{name} {'.'.join(map(str, e.path))}: {e.message}"]
-    return found + [p for inner in embedded(obj) for p in problems(inner)]
+    return found
 
 
 def rayjobs(folder: str) -> list[dict]:
-    objects = render(folder)
-    return [o for o in objects if o["kind"] == "RayJob"] + [e for o in objects for e in embedded(o)]
+    return [o for o in render(folder) if o["kind"] == "RayJob"]
 
 
-def containers(rayjob: dict) -> list[dict]:
+def ray_containers(rayjob: dict) -> list[dict]:
+    """The Ray head's and workers' containers (not the submitter's)."""
     spec = rayjob["spec"]["rayClusterSpec"]
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def all_containers(folder: str) -> list[tuple[str, dict]]:
+    """Every container of every pod the folder's objects make."""
+    return [
+        (f"{where} {c['name']}", c)
+        for obj in render(folder)
+        for where, spec in pod_specs(obj)
+        for c in spec.get("initContainers", []) + spec["containers"]
+    ]
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -157,7 +169,9 @@ MUTATIONS = [
     ("common", "accessModes:", "accessMode:"),
     ("schedule", "concurrencyPolicy:", "concurrencyPolicies:"),
     ("schedule", "ttlSecondsAfterFinished:", "ttlSecondAfterFinished:"),  # in the template
-    ("schedule", "generateName:", "generatedName:"),
+    ("schedule", "suspend:", "suspended:"),
+    ("overlays/production", "storageClassName:", "storageClass:"),
+    ("mlflow", "policyTypes:", "policyType:"),
 ]
 
 
@@ -197,17 +211,22 @@ def test_entrypoints_run_existing_valid_jobs():
 def test_images_and_gpus_match_the_overlay():
     """The gpu overlay asks for GPUs, uses them, and runs the CUDA image; cpu-small does not."""
     tag = re.compile(rf"^ghcr\.io/presso/presso:{re.escape(presso.__version__)}-(cpu|cu\d+)$")
-    gpu, cpu = rayjobs("overlays/gpu")[0], rayjobs("overlays/cpu-small")[0]
-    for job, kind in ((gpu, "cu"), (cpu, "cpu")):
-        images = {c["image"] for c in containers(job)}
+    for folder, kind in (("overlays/gpu", "cu"), ("overlays/cpu-small", "cpu")):
+        images = {c["image"] for _, c in all_containers(folder)}
         assert all(tag.match(i) and tag.match(i)[1].startswith(kind) for i in images), images
-    workers = gpu["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert all(
-        g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        for g in workers
-    )
+    gpu, cpu = rayjobs("overlays/gpu")[0], rayjobs("overlays/cpu-small")[0]
+    for group in gpu["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        # only on GPU nodes, which are tainted to keep other pods away
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
+    head = gpu["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "nodeSelector" not in head and "tolerations" not in head  # the driver needs no GPU
     assert "train.use_gpu=true" in shlex.split(gpu["spec"]["entrypoint"])
-    assert not any("nvidia.com/gpu" in str(c["resources"]) for c in containers(cpu))
+    assert not any("nvidia.com/gpu" in str(c["resources"]) for c in ray_containers(cpu))
 
 
 def test_jobs_track_to_the_mlflow_service():
@@ -224,16 +243,25 @@ def test_jobs_track_to_the_mlflow_service():
     assert host in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     for folder in FOLDERS:
         for job in rayjobs(folder):
-            for c in containers(job):
+            for c in ray_containers(job):
                 assert {"configMapRef": {"name": config["metadata"]["name"]}} in c["envFrom"]
+                # the server wants credentials: a job without them must not start at all
+                assert {"secretRef": {"name": "presso-mlflow-auth"}} in c["envFrom"]
 
 
-def test_nightly_template_runs_the_cpu_small_cluster():
-    """The schedule's RayJob is a copy of cpu-small's cluster; this keeps the copy honest."""
+def test_nightly_template_is_the_cpu_small_job_suspended():
+    """The schedule's template is cpu-small's RayJob, suspended (KubeRay creates nothing for it)
+    and telling every night to log to one experiment and one registered model."""
     (nightly,) = rayjobs("schedule")
     (small,) = rayjobs("overlays/cpu-small")
+    assert nightly["metadata"]["name"] == "presso-nightly" and nightly["spec"]["suspend"] is True
     assert nightly["spec"]["rayClusterSpec"] == small["spec"]["rayClusterSpec"]
-    assert nightly["metadata"]["generateName"]  # a fresh name every night
+    argv = shlex.split(nightly["spec"]["entrypoint"])
+    assert "tracking.experiment=nightly" in argv
+    assert not any(a.startswith("run.name=") for a in argv)  # the CronJob appends the night's
+    (cron,) = [o for o in render("schedule") if o["kind"] == "CronJob"]
+    script = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "get rayjob presso-nightly -o json" in script
 
 
 def test_dockerfile_pins_the_makefiles_torch():
@@ -241,3 +269,180 @@ def test_dockerfile_pins_the_makefiles_torch():
     makefile = re.search(r"^TORCH \?= (\S+)$", (REPO / "Makefile").read_text(), re.M)[1]
     dockerfile = re.search(r"^ARG TORCH=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)[1]
     assert dockerfile == makefile
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_pod_passes_pod_security_restricted(folder):
+    """A namespace labelled pod-security.kubernetes.io/enforce=restricted admits every pod these
+    manifests make, the ones KubeRay makes from a RayJob (head, workers, submitter) included."""
+    found = [
+        f"{where}: {p}"
+        for obj in render(folder)
+        for where, spec in pod_specs(obj)
+        for p in restricted_violations(spec)
+    ]
+    assert found == []
+
+
+def _head(rayjob: dict) -> dict:
+    return rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _head_container(rayjob: dict) -> dict:
+    return _head(rayjob)["containers"][0]["securityContext"]
+
+
+# (what the check must then say, how to undo one setting of cpu-small's RayJob)
+POD_SECURITY_MUTATIONS = [
+    (
+        "allowPrivilegeEscalation must be false",
+        lambda j: _head_container(j).pop("allowPrivilegeEscalation"),
+    ),
+    ("capabilities.drop must include ALL", lambda j: _head_container(j).pop("capabilities")),
+    ("runAsNonRoot is None", lambda j: _head(j)["securityContext"].pop("runAsNonRoot")),
+    ("runAsUser must not be 0", lambda j: _head(j)["securityContext"].update(runAsUser=0)),
+    (
+        "seccompProfile is {'type': 'Unconfined'}",
+        lambda j: _head(j)["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+    ),
+    (
+        "volume h: hostPath",
+        lambda j: _head(j)["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+    ),
+    ("hostNetwork must not be true", lambda j: _head(j).update(hostNetwork=True)),
+    # without its own template, KubeRay's default submitter pod (no securityContext) runs
+    (
+        "submitter: containers[ray-job-submitter]: securityContext.allowPrivilegeEscalation",
+        lambda j: j["spec"].pop("submitterPodTemplate"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("expected", "mutate"), POD_SECURITY_MUTATIONS)
+def test_the_restricted_check_can_fail(expected, mutate):
+    """Each rule the manifests rely on is really checked: undoing one setting is caught."""
+    job = copy.deepcopy(rayjobs("overlays/cpu-small")[0])
+    mutate(job)
+    found = [f"{where}: {p}" for where, spec in pod_specs(job) for p in restricted_violations(spec)]
+    assert any(expected in p for p in found), found
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_container_requests_ephemeral_storage(folder):
+    """Ray's logs, spilled objects and scratch go to the node's disk: a pod must ask for it, or
+    the scheduler may put it where the kubelet evicts it for lack of disk."""
+    for where, c in all_containers(folder):
+        resources = c.get("resources", {})
+        assert "ephemeral-storage" in resources.get("requests", {}), where
+        assert "ephemeral-storage" in resources.get("limits", {}), where
+
+
+def test_production_pins_images_by_digest_and_names_storage_classes():
+    """In production an image is what its digest says (a tag can be moved); every volume is on a
+    named storage class, and the runs volume, shared across nodes, is ReadWriteMany."""
+    images = {c["image"] for _, c in all_containers("overlays/production")}
+    assert images and all(re.fullmatch(r"[\w./-]+@sha256:[0-9a-f]{64}", i) for i in images), images
+    claims = [o for o in render("overlays/production") if o["kind"] == "PersistentVolumeClaim"]
+    assert {c["metadata"]["name"] for c in claims} == {"presso-runs", "presso-mlflow"}
+    assert all(c["spec"].get("storageClassName") for c in claims), claims
+    runs = next(c for c in claims if c["metadata"]["name"] == "presso-runs")
+    assert runs["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # what these policies use
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _pod_labels(folder: str) -> dict[str, dict]:
+    """The labels of every pod template a folder makes, by where it is."""
+    out = {}
+    for obj in render(folder):
+        spec = obj.get("spec", {})
+        if obj["kind"] == "Deployment":
+            out[obj["metadata"]["name"]] = spec["template"]["metadata"]["labels"]
+        if obj["kind"] == "RayJob":
+            cluster = spec["rayClusterSpec"]
+            out["head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for g in cluster["workerGroupSpecs"]:
+                out[f"worker {g['groupName']}"] = g["template"]["metadata"]["labels"]
+            out["submitter"] = spec["submitterPodTemplate"]["metadata"]["labels"]
+    return out
+
+
+def test_network_policies_admit_only_presso_pods():
+    """MLflow takes connections from presso's Ray pods only; the Ray pods from each other, and
+    their dashboard / Jobs API (8265) from the job submitter and the KubeRay operator only."""
+    pods = {**_pod_labels("overlays/cpu-small"), **_pod_labels("mlflow")}
+    policies = {
+        o["metadata"]["name"]: o["spec"]
+        for o in render("overlays/production")
+        if o["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == {"presso-mlflow", "presso-ray"}
+    for spec in policies.values():
+        assert spec["policyTypes"] == ["Ingress"]  # without it, an ingress list restricts nothing
+
+    mlflow = policies["presso-mlflow"]
+    assert [p for p, labels in pods.items() if _selects(mlflow["podSelector"], labels)] == [
+        "presso-mlflow"
+    ]
+    (rule,) = mlflow["ingress"]
+    (peer,) = rule["from"]
+    assert {p for p, labels in pods.items() if _selects(peer["podSelector"], labels)} >= {
+        "head",
+        "worker cpu",
+    }
+    assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+
+    ray = policies["presso-ray"]
+    selected = {p for p, labels in pods.items() if _selects(ray["podSelector"], labels)}
+    assert selected == {"head", "worker cpu"}
+    among_ray, dashboard = ray["ingress"]
+    assert "ports" not in among_ray  # Ray uses many ports between its own pods
+    assert {
+        p for p, labels in pods.items() if _selects(among_ray["from"][0]["podSelector"], labels)
+    } == selected
+    assert dashboard["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    submitter, operator = dashboard["from"]
+    assert (
+        _selects(submitter["podSelector"], pods["submitter"])
+        and "namespaceSelector" not in submitter
+    )
+    assert operator["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}
+    }
+
+
+def test_mlflow_runs_behind_basic_auth_with_credentials_from_a_secret():
+    """No anonymous access to the tracking server, and no credential in the repository: the
+    admin and the CSRF key come from a Secret the operator creates (k8s/README.md)."""
+    objects = render("overlays/production")
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in c["command"]
+    assert {"secretRef": {"name": "presso-mlflow-admin"}} in c["envFrom"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert not any("PASSWORD" in k or "SECRET" in k for k in env)
+    config = next(o for o in objects if o["metadata"]["name"] == "presso-mlflow-auth-config")
+    ini = config["data"]["basic_auth.ini"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"].endswith("/basic_auth.ini")
+    assert "password" not in ini.lower()
+    # the users live on the server's volume, not in the container's disposable layer
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "data")
+    assert re.search(rf"database_uri = sqlite:///{re.escape(mount)}/", ini)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"  # the one unprotected route
+
+
+def test_image_records_its_commit_and_lets_uid_1000_write_its_work_dir():
+    """The image runs as uid 1000 from /app: a relative run.output_dir is created there, so /app
+    must be that user's. .git stays out of the image, so the commit comes as a build argument
+    that the runs read back ($PRESSO_GIT_COMMIT, see tests/orchestrator/test_provenance.py)."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert ".git" in (REPO / ".dockerignore").read_text().split()
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
+    assert re.search(r"^RUN .*chown ray /app\b", dockerfile, re.M)
+    assert dockerfile.index("chown ray /app") < dockerfile.index("USER 1000")
+    assert re.search(r"^ARG GIT_COMMIT", dockerfile, re.M)
+    assert re.search(r"^ENV PRESSO_GIT_COMMIT=\$GIT_COMMIT$", dockerfile, re.M)

@@ -3,14 +3,18 @@
 The real round trip against a Ray head is in tests/integration/test_submit.py.
 """
 
+import json
+import os
 import shlex
 import zipfile
 
 import pytest
 from ray.job_submission import JobStatus
 
-from presso import ConfigError
+from presso import ClusterError, ConfigError
 from presso.orchestrator import cli, submit
+from presso.orchestrator.cluster import prepare_auth
+from presso.orchestrator.config import load_config
 from presso.orchestrator.submit import (
     EXCLUDES,
     auth_headers,
@@ -18,7 +22,9 @@ from presso.orchestrator.submit import (
     entrypoint,
     parse_env,
     runtime_env,
+    tracking_env,
 )
+from presso.orchestrator.tracking import resolve_uri
 
 
 def test_entrypoint_survives_the_clusters_shell():
@@ -80,15 +86,16 @@ def test_runtime_env_carries_only_what_was_asked():
         runtime_env("/no/such/folder", [], {})
 
 
-def test_token_is_found_where_ray_looks(tmp_path, monkeypatch):
-    """Heads started by `ray start --head` refuse requests without the token; look where Ray does."""
+def test_token_is_taken_only_where_the_user_put_it(tmp_path, monkeypatch):
+    """Heads started by `ray start --head` refuse requests without the token. presso sends
+    $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, but never ~/.ray/auth_token by itself:
+    every `ray start --head` on the machine writes one, maybe another cluster's."""
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert auth_headers() == {}
     (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("home\n")
-    assert auth_headers() == {"Authorization": "Bearer home"}
+    (tmp_path / ".ray" / "auth_token").write_text("someone else's\n")
+    assert auth_headers() == {}
     (tmp_path / "t").write_text("file")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
     assert auth_headers() == {"Authorization": "Bearer file"}
@@ -96,6 +103,78 @@ def test_token_is_found_where_ray_looks(tmp_path, monkeypatch):
     assert auth_headers() == {"Authorization": "Bearer env"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert auth_headers() == {}
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ClusterError, match="RAY_AUTH_TOKEN_PATH=.*missing: no such file"):
+        auth_headers()
+
+
+def test_joining_with_a_token_turns_ray_token_mode_on(tmp_path, monkeypatch):
+    """Ray sends a token only with RAY_AUTH_MODE=token (a token alone fails to connect after
+    its retries); RAY_AUTH_MODE=token without a token would read ~/.ray/auth_token: refused."""
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    prepare_auth()
+    assert "RAY_AUTH_MODE" not in os.environ  # nothing given: Ray's own default
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t")
+    prepare_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    with pytest.raises(
+        ClusterError, match=r"neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH.*~/\.ray/auth_token"
+    ):
+        prepare_auth()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    prepare_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+HEAD = "http://10.0.0.5:8265"
+
+
+@pytest.mark.parametrize(
+    ("cfg_uri", "tracking", "env", "address", "error"),
+    [
+        (None, None, {}, HEAD, "no tracking URI for the job"),
+        (None, "sqlite:///mlflow.db", {}, HEAD, "a relative path"),
+        (None, "mlruns", {}, HEAD, "a relative path"),
+        (None, "http://localhost:5000", {}, HEAD, "loopback"),
+        ("http://127.0.0.1:5000", None, {}, HEAD, "loopback"),
+        ("http://m:5000", "local-to-job", {}, HEAD, "also given"),
+    ],
+)
+def test_submit_refuses_tracking_the_cluster_cannot_keep(cfg_uri, tracking, env, address, error):
+    """A job that logs where nobody will find it is refused before it takes a cluster slot."""
+    with pytest.raises(ConfigError, match=error):
+        tracking_env(cfg_uri, tracking, env, address)
+
+
+def test_submit_sends_the_tracking_it_was_given():
+    uri = "http://mlflow.team:5000"
+    assert tracking_env(None, uri, {}, HEAD) == {"MLFLOW_TRACKING_URI": uri}
+    assert tracking_env(uri, None, {"A": "1"}, HEAD) == {"A": "1"}  # in the config already
+    assert (
+        tracking_env(None, None, {"MLFLOW_TRACKING_URI": uri}, HEAD)["MLFLOW_TRACKING_URI"] == uri
+    )
+    assert tracking_env(None, "sqlite:////shared/mlflow.db", {}, HEAD)  # an absolute shared path
+    local = "http://127.0.0.1:5000"  # a cluster on this machine reaches this machine's loopback
+    assert tracking_env(None, local, {}, "http://127.0.0.1:8265") == {"MLFLOW_TRACKING_URI": local}
+    assert tracking_env(None, "local-to-job", {}, HEAD) == {"PRESSO_TRACKING": "local-to-job"}
+
+
+def test_a_submitted_job_without_tracking_refuses_to_log_into_its_working_dir(monkeypatch):
+    """Also for `ray job submit -- presso run ...`, which presso submit's check never sees."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PRESSO_TRACKING", raising=False)
+    job = json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}})
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    with pytest.raises(ConfigError, match="raysubmit_1 with no MLFLOW_TRACKING_URI"):
+        resolve_uri(load_config("jobs/quickstart.yaml"))
+    shared = load_config("jobs/quickstart.yaml", ["run.output_dir=/shared/runs"])
+    assert resolve_uri(shared) == "sqlite:////shared/runs/mlflow.db"
+    monkeypatch.setenv("PRESSO_TRACKING", "local-to-job")
+    assert resolve_uri(load_config("jobs/quickstart.yaml")).startswith("sqlite:///")
 
 
 def test_bad_config_is_one_line_and_submits_nothing(monkeypatch, capsys):
@@ -135,11 +214,13 @@ def test_follow_exits_with_the_jobs_outcome(monkeypatch, capsys, status, code):
     monkeypatch.setattr(submit, "_client", lambda address: fake)
     monkeypatch.setattr(submit, "job_status", fake.job_status)
     argv = ["submit", "jobs/quickstart.yaml", "train.steps=5", "--address", "http://h:8265"]
+    argv += ["--tracking", "http://mlflow.team:5000"]
     assert cli.main([*argv, "--follow"]) == code
     out = capsys.readouterr()
     assert out.out == "raysubmit_1\nstep 1 loss 5.5\n"
     assert f"raysubmit_1 {status.value}" in out.err
-    assert fake.submitted == [("presso run jobs/quickstart.yaml train.steps=5", {})]
+    env = {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow.team:5000"}}
+    assert fake.submitted == [("presso run jobs/quickstart.yaml train.steps=5", env)]
     assert cli.main(argv) == 0  # without --follow: submitted is success
 
 
@@ -151,7 +232,16 @@ def test_a_refused_job_is_reported_not_a_traceback(monkeypatch, capsys):
             raise RuntimeError("Request failed with status code 400: invalid pip spec")
 
     monkeypatch.setattr(submit, "_client", lambda address: Refusing(JobStatus.PENDING))
-    assert cli.main(["submit", "jobs/quickstart.yaml", "--address", "http://h:8265"]) == 1
-    err = capsys.readouterr().err
+    argv = [
+        "submit",
+        "jobs/quickstart.yaml",
+        "--address",
+        "http://h:8265",
+        "--tracking",
+        "local-to-job",
+    ]
+    assert cli.main(argv) == 1
+    warning, err = capsys.readouterr().err.split("\n", 1)
+    assert warning.startswith("presso: --tracking local-to-job: the job logs to sqlite")
     assert err.startswith("presso: error: the Ray cluster at http://h:8265 refused the job")
     assert "invalid pip spec" in err and err.count("\n") == 1

@@ -231,3 +231,27 @@ def test_run_tags_name_the_ray_submission(monkeypatch):
     tags = run_tags()
     assert tags["ray.submission_id"] == "raysubmit_X1"
     assert tags["presso.version"] and len(tags.get("mlflow.source.git.commit", "0" * 40)) == 40
+
+
+def test_a_healthy_run_writes_no_spool(store, tmp_path, monkeypatch):
+    """While MLflow takes everything, nothing is written under the spool folder (the journal of
+    sent metrics stays in memory); the first record spooled writes that journal too, so the
+    history read while MLflow is away still holds what it took before."""
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("healthy")).info.run_id
+    link = Link(store, tmp_path / "spool")
+    for step in range(3):
+        link.send({"kind": "metrics", "run": run_id, "metrics": [["loss", 1.0, 0, step]]})
+    assert link.history(run_id, "loss") == [(s, 1.0) for s in range(3)]
+    assert not (tmp_path / "spool").exists()
+
+    def dead(client, uri, record):
+        raise outage()
+
+    monkeypatch.setattr(delivery, "apply", dead)
+    link.send({"kind": "metrics", "run": run_id, "metrics": [["loss", 2.0, 0, 3]]})
+    assert len(link.spool.pending()) == 1
+    whole = [(s, 1.0) for s in range(3)] + [(3, 2.0)]
+    assert sorted(link.spool.metric_history(run_id, "loss", sent=True)) == whole
+    fresh = Link(store, tmp_path / "spool")  # as another process: it knows only the files
+    assert fresh.down and fresh.history(run_id, "loss") == whole
