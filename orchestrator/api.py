@@ -138,8 +138,8 @@ def text_windows(texts: list[str], tokenizer, seq_len: int, batch_size: int) -> 
 
 
 def _start_ray(workers: int) -> None:
+    from presso.orchestrator.cluster import ensure_ray, wait_for_resources
     from presso.orchestrator.config import PressoConfig
-    from presso.orchestrator.pipeline import ensure_ray, wait_for_resources
 
     cfg = PressoConfig()
     ensure_ray(cfg)

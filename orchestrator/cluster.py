@@ -1,5 +1,6 @@
-"""How presso reaches Ray: token authentication for a cluster at an address, and the ports of
-the local Ray that presso starts itself.
+"""How presso reaches Ray: joining a cluster at an address (bounded, with token authentication)
+or starting a local Ray of its own (with free ports), and checking before any stage starts that
+the cluster can ever hold what the stages ask for.
 
 Token authentication is Ray's own (https://docs.ray.io/en/latest/ray-security/token-auth.html):
 a head started with ``ray start --head`` wants a token, and a client sends one only with
@@ -12,11 +13,14 @@ uses it on purpose.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from presso import ClusterError
+from presso.orchestrator.config import PressoConfig
 
 GET_TOKEN = (
     "set RAY_AUTH_TOKEN to what `ray get-auth-token` prints on the cluster's head, or "
@@ -139,3 +143,119 @@ def check_shared(folder: Path) -> None:
             "nodes must share their files; point run.output_dir at a folder every node mounts "
             "at the same path (NFS, CephFS, EFS, ...)"
         )
+
+
+def ensure_ray(cfg: PressoConfig) -> None:
+    """Connect to ``ray.address`` / $RAY_ADDRESS, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address(cfg)
+    if address:
+        _check_listening(address, cfg.ray.connect_timeout_s)
+        prepare_auth()
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            raise join_error(address, e) from None
+    else:
+        # A local Ray of presso's own: token auth on (Ray's default) without the warning that
+        # says so; no spot-instance preemption to watch for (its watcher logs an error on start).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(
+            # "local", not None: None joins whatever cluster `ray start` last recorded in
+            # /tmp/ray (even a stopped one), and then refuses num_cpus with a traceback
+            address="local",
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            include_dashboard=True,  # Ray Train's state API needs it
+            logging_level="WARNING",
+            **local_ray_ports(cfg.ray.dashboard_port, cfg.ray.metrics_export_port),
+        )
+
+
+def ray_address(cfg: PressoConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else $RAY_ADDRESS; None means a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+# What a gRPC server (Ray's GCS, or its client server) answers first to an HTTP/2 client: a
+# SETTINGS frame. An HTTP/1 server, a database or a closed port answers otherwise or not at all.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _check_listening(address: str, timeout: float) -> None:
+    """Fail in ``timeout`` seconds, not never, unless a gRPC server (Ray's) answers at a
+    ``host:port`` address: Ray itself retries the connection without end, to a closed port and
+    to one where something else listens alike."""
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"ray.address / RAY_ADDRESS {address} is an HTTP address (the dashboard and Jobs API); "
+            "`presso run` joins a cluster at its GCS address, host:6379, or use `presso submit "
+            f"--address {address}` to run the job on the cluster"
+        )
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():  # "auto" and the like: Ray finds the cluster itself
+        return
+    where = f"{address} (waited up to {timeout:g} s, ray.connect_timeout_s)"
+    try:
+        conn = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as e:
+        raise ClusterError(
+            f"no Ray cluster answers at {where}: {e.strerror or e}; start one with "
+            "`ray start --head`, or unset RAY_ADDRESS and ray.address to let presso start a "
+            "local Ray"
+        ) from None
+    with conn:
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            head = conn.recv(9, socket.MSG_WAITALL)
+        except OSError:  # no answer in time, or the connection was reset
+            head = b""
+    if len(head) < 9 or head[3] != 4:
+        raise ClusterError(
+            f"something listens at {where} but it is not a Ray cluster (it does not speak gRPC); "
+            "check the port: a head started with `ray start --head` listens on 6379 by default"
+        )
+
+
+def check_resources(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
+    """Every stage's request, before the first stage starts: compression workers the cluster can
+    never hold must not be found after an hour of training."""
+    t = cfg.train
+    if "train" in stages:
+        wait_for_resources(
+            cfg,
+            t.workers * t.threads_per_worker,
+            t.workers if t.use_gpu else 0,
+            "train.workers × train.threads_per_worker"
+            + (" (train.use_gpu: one GPU each)" if t.use_gpu else ""),
+        )
+    if "compress" in stages:
+        wait_for_resources(cfg, cfg.compress.workers, 0, "compress.workers (one CPU each)")
+
+
+def wait_for_resources(cfg: PressoConfig, cpus: float, gpus: float, asked_by: str) -> None:
+    """Wait up to ``ray.resources_timeout_s`` until the cluster holds ``cpus`` and ``gpus`` in
+    all (an autoscaler may add nodes); a local Ray cannot grow, so it is refused at once.
+    Without this check Ray waits forever for resources that will never come."""
+    import ray
+
+    local = ray_address(cfg) is None
+    deadline = time.monotonic() + (0 if local else cfg.ray.resources_timeout_s)
+    while True:
+        total = ray.cluster_resources()
+        have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
+        if have_cpus >= cpus and have_gpus >= gpus:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    waited = "" if local else f" after {cfg.ray.resources_timeout_s:g} s (ray.resources_timeout_s)"
+    raise ClusterError(
+        f"{asked_by}: asks for {cpus:g} CPUs and {gpus:g} GPUs, but the Ray cluster has "
+        f"{have_cpus:g} CPUs and {have_gpus:g} GPUs{waited}; ask for less or use a larger cluster"
+    )

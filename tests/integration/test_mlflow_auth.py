@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, free_port, wait_http
+from ..conftest import BIN, free_port, wait_http
 
 pytestmark = pytest.mark.integration
 

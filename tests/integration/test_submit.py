@@ -161,7 +161,7 @@ def test_missing_token_is_one_clear_line(ray_head, tmp_path):
         assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0], proc.stderr
 
 
-JOIN = "from presso.orchestrator.config import load_config; from presso.orchestrator.pipeline import ensure_ray; import ray; ensure_ray(load_config(None)); print(int(ray.cluster_resources()['CPU']))"
+JOIN = "from presso.orchestrator.config import load_config; from presso.orchestrator.cluster import ensure_ray; import ray; ensure_ray(load_config(None)); print(int(ray.cluster_resources()['CPU']))"
 
 
 @pytest.mark.integration
