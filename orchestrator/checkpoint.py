@@ -89,6 +89,14 @@ def final_model(root: Path) -> Path:
     return folder / FINAL_MODEL
 
 
+def final_state(root: Path) -> dict:
+    """The model state in rank 0's part of a verified DDP checkpoint (what the recover stage
+    exports: its model is no Hugging Face model to save as a folder)."""
+    folder = rank_folder(root, 0)
+    verify_manifest(folder, what="checkpoint")
+    return torch.load(folder / "engine.pt", weights_only=True)["model"]
+
+
 def maybe_inject_fault(spec: str | None, step: int, rank: int, markers: Path) -> None:
     """Test hook: ``spec = "RANK:STEP"`` kills that worker process once, at that step.
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from presso import ClusterError, ConfigError
 from presso.orchestrator.config import PressoConfig, recipe_algorithms
 
-STAGES = ("train", "compress", "eval")
+STAGES = ("train", "compress", "recover", "eval")
 # The compress stage writes here; the artifact moves to ``compressed/`` once the stages after it
 # (evaluation, when asked for) have succeeded, so a failed run never leaves one under that name.
 UNVERIFIED = ".compressed.unverified"
+RECOVERED = ".recovered.unverified"  # the recover stage's output, under the same rule
 
 
 def quiet_environment() -> None:
@@ -132,6 +133,11 @@ def check_stages(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
         raise ConfigError(
             "model.source: a scratch model must be trained first; enable train or set "
             "model.source to smollm2 or a model folder"
+        )
+    if "recover" in stages and "compress" not in stages:
+        raise ConfigError(
+            "recover.enabled: recovery trains the artifact the compress stage makes toward the "
+            "dense model; enable compress too"
         )
     if cfg.model.source != "scratch" and cfg.data.tokenizer != "auto":
         raise ConfigError("data.tokenizer: a pretrained model.source brings its own; use auto")
@@ -261,6 +267,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     enabled = {
         "train": cfg.train.enabled,
         "compress": cfg.compress.enabled,
+        "recover": cfg.recover.enabled,
         "eval": cfg.eval.enabled,
     }
     plan = preflight(cfg, tuple(s for s in stages if enabled[s]))
@@ -284,6 +291,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     except BaseException as e:
         error = e
         shutil.rmtree(plan.out / UNVERIFIED, ignore_errors=True)
+        shutil.rmtree(plan.out / RECOVERED, ignore_errors=True)
         print(f"presso: {_kept(plan, summary)}", file=sys.stderr, flush=True)
         raise
     finally:
@@ -297,11 +305,12 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
 def _kept(plan: Preflight, summary: dict) -> str:
     """What a failed pipeline leaves behind, for the user to go on from."""
     kept = []
-    if (plan.out / "ray_train").is_dir():
-        kept.append(
-            f"training checkpoints under {plan.out / 'ray_train'} (resume with "
-            "train.resume_from=<checkpoint folder>)"
-        )
+    for stage in ("train", "recover"):
+        if (plan.out / f"ray_{stage}").is_dir():
+            kept.append(
+                f"{stage} checkpoints under {plan.out / f'ray_{stage}'} (resume with "
+                f"{stage}.resume_from=<checkpoint folder>)"
+            )
     if summary.get("artifact") == str(plan.out / "compressed"):
         kept.append(f"the evaluated, unregistered artifact {plan.out / 'compressed'}")
     return "kept: " + ("; ".join(kept) if kept else "nothing") + "; no unevaluated artifact"
@@ -427,38 +436,39 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
     # The compressed perplexity is measured on the artifact as saved and reloaded, not on the
     # model in memory: what is registered is exactly what was measured.
     artifact = _compress(cfg, plan, tracking, summary) if "compress" in stages else None
+    recovered = None
+    if artifact is not None and "recover" in stages:
+        from presso.orchestrator.recover import recover_stage
+
+        recovered = recover_stage(cfg, plan, tracking, summary, artifact)
     if "eval" in stages:
         run = tracking.stage("eval")
         e = cfg.eval
         bar = progress_bar()
         test = plan.corpus.test
         kind = "compressed" if packed_source else "dense"
-        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar)
-        values = {
-            f"eval/{kind}_ppl": first.perplexity,
-            f"eval/{kind}_tokens_per_s": first.tokens_per_s,
-        }
-        summary.update(
-            {
-                f"{kind}_ppl": first.perplexity,
-                f"{kind}_tokens_per_s": first.tokens_per_s,
-                "eval_tokens": first.tokens,
-            }
-        )
-        if artifact is not None:
-            packed = presso.load_compressed(artifact)
-            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
-            values.update(
-                {
-                    "eval/compressed_ppl": comp.perplexity,
-                    "eval/compressed_tokens_per_s": comp.tokens_per_s,
-                }
-            )
+        measured = [(kind, model), ("compressed", artifact), ("recovered", recovered)]
+        values = {}
+        for i, (kind, source) in enumerate(measured):
+            if source is None:
+                continue
+            m = source if i == 0 else presso.load_compressed(source)
+            result = perplexity(m, test, e.seq_len, e.max_tokens, e.batch_size, bar)
+            values[f"eval/{kind}_ppl"] = result.perplexity
+            values[f"eval/{kind}_tokens_per_s"] = result.tokens_per_s
             summary.update(
-                compressed_ppl=comp.perplexity, compressed_tokens_per_s=comp.tokens_per_s
+                {
+                    f"{kind}_ppl": result.perplexity,
+                    f"{kind}_tokens_per_s": result.tokens_per_s,
+                    "eval_tokens": result.tokens,
+                }
             )
         run.metrics(values, 0)
         run.finish()
+    if recovered is not None:  # the recovered artifact replaces the one it was trained from
+        summary["recovered_bytes"] = folder_bytes(recovered)
+        shutil.rmtree(artifact)
+        artifact = recovered
     if artifact is not None:
         replace_folder(artifact, plan.out / "compressed")
         artifact = plan.out / "compressed"
@@ -467,6 +477,7 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         run = tracking.stage("register")
         name = cfg.tracking.registered_model or f"{cfg.run.name}-compressed"
         summary["registered_model"] = name
-        registered = register_model(run, artifact, name, summary.get("compressed_ppl"))
+        ppl = summary.get("recovered_ppl", summary.get("compressed_ppl"))
+        registered = register_model(run, artifact, name, ppl)
         summary.update(model_version=registered.version or "spooled", champion=registered.champion)
         run.finish()
