@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rows", default=",".join(ROWS))
     args = parser.parse_args()
 
@@ -81,6 +82,7 @@ def main() -> None:
                 f"compress.calibration.samples={args.calib_samples}",
                 "recover.enabled=true",
                 f"recover.steps={args.steps}",
+                f"recover.optimizer.lr={args.lr}",
                 f"recover.eval_every={max(args.steps // 4, 1)}",
                 f"eval.max_tokens={args.eval_tokens}",
             ],
@@ -120,10 +122,10 @@ def main() -> None:
             }
         )  # fmt: skip
         _print(dense, out_rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("steps", "calib_samples", "eval_tokens")}
-    payload = {"settings": settings, "fp32": dense, "rows": out_rows}
-    (RESULTS / "recover.json").write_text(json.dumps(payload, indent=1))
+        RESULTS.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps some
+        settings = {k: getattr(args, k) for k in ("steps", "lr", "calib_samples", "eval_tokens")}
+        payload = {"settings": settings, "fp32": dense, "rows": out_rows}
+        (RESULTS / "recover.json").write_text(json.dumps(payload, indent=1))
 
 
 def _print(dense: dict, rows: list[dict]) -> None:

@@ -62,6 +62,7 @@ def test_recover_stage_improves_keeps_format_and_survives_a_killed_worker(tmp_pa
     the recovery recorded. A second run whose rank 1 dies at recover step 3 restarts from the
     step-2 checkpoint and ends bit-identical to the clean one."""
     proc, clean = _run(tmp_path / "clean")
+    print(proc.stdout[-1500:])
     assert clean["recovery_kept"] is True, clean
     assert clean["recover_val_ppl_after"] < clean["recover_val_ppl_before"]
     assert "recovered" in proc.stdout and "recover: 8 steps" in proc.stdout
@@ -84,7 +85,8 @@ def test_recover_stage_improves_keeps_format_and_survives_a_killed_worker(tmp_pa
     metrics = recover.data.metrics
     assert metrics["recover/val_ppl_after"] < metrics["recover/val_ppl_before"]
     assert metrics["recover/replicas_identical"] == 1.0
-    assert "kd_loss.png" in {a.path for a in client.list_artifacts(recover.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(recover.info.run_id, "plots")}
+    assert "plots/kd_loss.png" in plots
 
     _, resumed = _run(tmp_path / "faulty", fault="1:3")
     assert len(list((tmp_path / "faulty").rglob("fault-rank1-step3"))) == 1, "no fault injected"
