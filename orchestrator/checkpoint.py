@@ -61,15 +61,21 @@ def restore(root: Path, engine, rank: int, world: int) -> int:
     return state["step"]
 
 
-def check_resumable(root: Path, model: torch.nn.Module, world: int) -> None:
-    """Refuse, before training starts, a checkpoint that is incomplete, tampered with, written by
-    another number of workers, or holding another model's parameters."""
+def check_complete(root: Path, world: int, key: str = "train.resume_from") -> None:
+    """Refuse a checkpoint that is missing, incomplete, tampered with or written by another
+    number of workers (``key`` names the setting that points at it)."""
     if not root.is_dir():
-        raise IntegrityError(f"train.resume_from {root}: no such checkpoint folder")
+        raise IntegrityError(f"{key} {root}: no such checkpoint folder")
     for r in range(world):
         verify_manifest(rank_folder(root, r), what="checkpoint")
     if rank_folder(root, world).exists():
         raise IntegrityError(f"checkpoint {root} was written by more than {world} workers")
+
+
+def check_resumable(root: Path, model: torch.nn.Module, world: int) -> None:
+    """Refuse, before training starts, a checkpoint that is incomplete, tampered with, written by
+    another number of workers, or holding another model's parameters."""
+    check_complete(root, world)
     engine_file = rank_folder(root, 0) / "engine.pt"
     if engine_file.is_file():  # DDP checkpoints; DeepSpeed checks its own on load
         saved = torch.load(engine_file, weights_only=True, mmap=True)["model"]

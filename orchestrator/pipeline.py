@@ -233,6 +233,9 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         model = models.build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
     if "train" in stages and cfg.train.resume_from:
         checkpoint.check_resumable(Path(cfg.train.resume_from), model, cfg.train.workers)
+    if "recover" in stages and cfg.recover.resume_from:
+        r = cfg.recover
+        checkpoint.check_complete(Path(r.resume_from), r.workers, "recover.resume_from")
     layers = calibration = None
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore)

@@ -39,3 +39,11 @@ def test_recovery_without_a_compress_stage_is_refused():
     cfg = load_config(JOB, ["recover.enabled=true"])
     with pytest.raises(ConfigError, match="recover.enabled: .* enable compress too"):
         check_stages(cfg, ("train", "recover", "eval"))
+
+
+def test_a_missing_recover_checkpoint_is_refused_before_anything_starts(tmp_path):
+    from presso import IntegrityError
+    from presso.orchestrator.checkpoint import check_complete
+
+    with pytest.raises(IntegrityError, match="recover.resume_from .*: no such checkpoint folder"):
+        check_complete(tmp_path / "nope", 2, "recover.resume_from")
