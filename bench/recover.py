@@ -74,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(2)
     out_rows, dense, texts = [], None, {}
     for name in args.rows.split(","):
-        recipe = json.dumps(ROWS[name]).replace('"', "")
+        recipe = json.dumps(ROWS[name])  # JSON is YAML; unquoted, "2:4" would read as 124
         cfg = load_config(
             ROOT / "jobs" / "smollm2_gptq.yaml",
             [
