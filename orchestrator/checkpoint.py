@@ -62,21 +62,24 @@ def restore(root: Path, engine, rank: int, world: int) -> int:
     return state["step"]
 
 
-def resolve_resume(root: Path, model: torch.nn.Module, world: int) -> tuple[Path, list[str]]:
-    """The checkpoint ``train.resume_from`` names: ``root`` itself, or the newest complete,
-    verified checkpoint under it (a run's ``ray_train`` folder, or one run's folder in it).
+def resolve_resume(
+    root: Path, world: int, model: torch.nn.Module | None = None, key: str = "train.resume_from"
+) -> tuple[Path, list[str]]:
+    """The checkpoint ``key`` (train.resume_from, recover.resume_from) names: ``root`` itself, or
+    the newest complete, verified checkpoint under it (a run's ``ray_train`` folder, or one run's
+    folder in it).
 
     Damaged checkpoints (a missing rank, a file that fails its checksum) are skipped for the one
     before them, and named in the returned notes; one written by another number of workers or
-    holding another model is refused, because an older one would be no better. Runs before
-    training starts, so a bad checkpoint costs a second, not a Ray start.
+    holding another ``model`` is refused, because an older one would be no better. Runs before
+    the stage starts, so a bad checkpoint costs a second, not a Ray start.
     """
     if not root.is_dir():
-        raise IntegrityError(f"train.resume_from {root}: no such checkpoint folder")
+        raise IntegrityError(f"{key} {root}: no such checkpoint folder")
     candidates = _checkpoints_under(root)
     if not candidates:
         raise IntegrityError(
-            f"train.resume_from {root}: no checkpoint in it (a checkpoint holds rank0/, rank1/, …)"
+            f"{key} {root}: no checkpoint in it (a checkpoint holds rank0/, rank1/, …)"
         )
     skipped = []
     for folder in candidates:
@@ -89,7 +92,7 @@ def resolve_resume(root: Path, model: torch.nn.Module, world: int) -> tuple[Path
         _check_same_run(folder, model, world)
         return folder, skipped
     raise IntegrityError(
-        f"train.resume_from {root}: no complete checkpoint"
+        f"{key} {root}: no complete checkpoint"
         + (f" ({len(skipped)} damaged; the newest: {skipped[0]})" if len(candidates) > 1 else "")
         + ("" if len(candidates) > 1 else f": {skipped[0]}")
     )
@@ -104,11 +107,11 @@ def _checkpoints_under(root: Path) -> list[Path]:
     return sorted((p for p in found if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
-def _check_same_run(root: Path, model: torch.nn.Module, world: int) -> None:
+def _check_same_run(root: Path, model: torch.nn.Module | None, world: int) -> None:
     if rank_folder(root, world).exists():
         raise IntegrityError(f"checkpoint {root} was written by more than {world} workers")
     engine_file = rank_folder(root, 0) / "engine.pt"
-    if engine_file.is_file():  # DDP checkpoints; DeepSpeed checks its own on load
+    if model is not None and engine_file.is_file():  # DDP; DeepSpeed checks its own on load
         saved = torch.load(engine_file, weights_only=True, mmap=True)["model"]
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in saved.items()}
@@ -124,6 +127,14 @@ def final_model(root: Path) -> Path:
     folder = rank_folder(root, 0)
     verify_manifest(folder, what="checkpoint")
     return folder / FINAL_MODEL
+
+
+def final_state(root: Path) -> dict:
+    """The model state in rank 0's part of a verified DDP checkpoint (what the recover stage
+    exports: its model is no Hugging Face model to save as a folder)."""
+    folder = rank_folder(root, 0)
+    verify_manifest(folder, what="checkpoint")
+    return torch.load(folder / "engine.pt", weights_only=True)["model"]
 
 
 def maybe_inject_fault(spec: str | None, step: int, rank: int, markers: Path) -> None:

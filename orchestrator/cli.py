@@ -94,9 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    _job_parser(sub, "run", "run the whole pipeline: train → compress → evaluate → register")
+    _job_parser(
+        sub, "run", "run the whole pipeline: train → compress (→ recover) → evaluate → register"
+    )
     _job_parser(sub, "train", "run only the train stage (Ray Train, data-parallel)")
-    _job_parser(sub, "compress", "compress model.source (no training) and register the artifact")
+    _job_parser(
+        sub,
+        "compress",
+        "compress model.source (no training; recover it if recover.enabled) and register it",
+    )
     _job_parser(sub, "eval", "evaluate model.source: test perplexity, bytes, tokens/s")
     _submit_parser(sub)
     config = sub.add_parser("config", help="inspect job configs")
@@ -135,9 +141,9 @@ def _mlflow_sync(args: argparse.Namespace) -> int:
 
 
 STAGES = {
-    "run": ("train", "compress", "eval"),
+    "run": ("train", "compress", "recover", "eval"),
     "train": ("train",),
-    "compress": ("compress",),
+    "compress": ("compress", "recover"),
     "eval": ("eval",),
 }
 

@@ -225,15 +225,16 @@ def _check_listening(address: str, timeout: float) -> None:
 def check_resources(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
     """Every stage's request, before the first stage starts: compression workers the cluster can
     never hold must not be found after an hour of training."""
-    t = cfg.train
-    if "train" in stages:
-        wait_for_resources(
-            cfg,
-            t.workers * t.threads_per_worker,
-            t.workers if t.use_gpu else 0,
-            "train.workers × train.threads_per_worker"
-            + (" (train.use_gpu: one GPU each)" if t.use_gpu else ""),
-        )
+    for stage in ("train", "recover"):  # Ray Train stages
+        if stage in stages:
+            t = getattr(cfg, stage)
+            wait_for_resources(
+                cfg,
+                t.workers * t.threads_per_worker,
+                t.workers if t.use_gpu else 0,
+                f"{stage}.workers × {stage}.threads_per_worker"
+                + (f" ({stage}.use_gpu: one GPU each)" if t.use_gpu else ""),
+            )
     if "compress" in stages:
         wait_for_resources(cfg, cfg.compress.workers, 0, "compress.workers (one CPU each)")
 

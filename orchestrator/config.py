@@ -85,6 +85,37 @@ class TrainConfig:
     grad_compression: GradCompressionConfig = field(default_factory=GradCompressionConfig)
 
 
+def _recover_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(lr=1e-4)
+
+
+@dataclass
+class RecoverConfig:
+    """Knowledge distillation of the compressed model toward the dense one, codes and masks
+    fixed (presso.compressors.recovery); run like train, on Ray Train workers with DDP."""
+
+    enabled: bool = False
+    # what learns: scales | zeros (of asymmetric grids) | norms | sparse_values (kept values of
+    # pruned layers, SpQR's outliers)
+    learn: list[str] = field(default_factory=lambda: ["scales", "norms", "sparse_values"])
+    temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
+    workers: int = 2
+    use_gpu: bool = False
+    threads_per_worker: int = 1
+    steps: int = 200
+    batch_size: int = 4  # sequences per worker per step, drawn from the train split
+    seq_len: int = 256
+    eval_every: int = 50  # val loss every this many steps (and at the end)
+    eval_batches: int = 4  # val batches per worker per evaluation
+    checkpoint_every: int = 50
+    max_failures: int = 1
+    resume_from: str | None = None  # a recover checkpoint folder of an earlier run
+    warmup_steps: int = 10
+    # adamw (the low-rank optimizers project nn.Linear weights; recovery trains none)
+    optimizer: OptimizerConfig = field(default_factory=_recover_optimizer)
+    grad_compression: GradCompressionConfig = field(default_factory=GradCompressionConfig)
+
+
 @dataclass
 class CalibrationConfig:
     """Calibration data for recipes that need it (GPTQ, AWQ, SpQR, Wanda, SparseGPT, ...)."""
@@ -150,6 +181,7 @@ class PressoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -285,6 +317,7 @@ def validate(cfg: PressoConfig) -> None:
     t.optimizer.validate("train.optimizer")
     t.grad_compression.validate("train.grad_compression")
     _validate_engine(t)
+    _validate_recover(cfg.recover)
     _positive("eval", seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
     _positive("ray", connect_timeout_s=cfg.ray.connect_timeout_s)
     if cfg.ray.resources_timeout_s < 0:
@@ -354,6 +387,25 @@ def _validate_engine(t: TrainConfig) -> None:
                 "train.engine: deepspeed runs its own ZeRO reduction with AdamW; set "
                 "train.grad_compression.method=none and train.optimizer.name=adamw, or use ddp"
             )
+
+
+def _validate_recover(r: RecoverConfig) -> None:
+    from presso.compressors.recovery import check_learn
+
+    _positive("recover", workers=r.workers, threads_per_worker=r.threads_per_worker, steps=r.steps)
+    _positive("recover", batch_size=r.batch_size, seq_len=r.seq_len, eval_every=r.eval_every)
+    _positive("recover", eval_batches=r.eval_batches, checkpoint_every=r.checkpoint_every)
+    _positive("recover", temperature=r.temperature)
+    if r.max_failures < 0 or r.warmup_steps < 0:
+        raise ConfigError("recover.max_failures and recover.warmup_steps: must be >= 0")
+    check_learn(r.learn, "recover.learn")
+    r.optimizer.validate("recover.optimizer")
+    r.grad_compression.validate("recover.grad_compression")
+    if r.optimizer.name != "adamw" or r.grad_compression.method is Method.galore:
+        raise ConfigError(
+            "recover.optimizer.name: recovery trains scales, norms and kept values, not "
+            "nn.Linear weights, so the low-rank optimizers have nothing to project; use adamw"
+        )
 
 
 def recipe_algorithms(cfg: PressoConfig) -> list:

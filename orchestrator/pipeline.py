@@ -17,10 +17,11 @@ from pathlib import Path
 from presso import ConfigError
 from presso.orchestrator.config import PressoConfig, model_architecture, recipe_algorithms
 
-STAGES = ("train", "compress", "eval")
+STAGES = ("train", "compress", "recover", "eval")
 # The compress stage writes here; the artifact moves to ``compressed/`` once the stages after it
 # (evaluation, when asked for) have succeeded, so a failed run never leaves one under that name.
 UNVERIFIED = ".compressed.unverified"
+RECOVERED = ".recovered.unverified"  # the recover stage's output, under the same rule
 
 
 def quiet_environment() -> None:
@@ -62,6 +63,11 @@ def check_stages(cfg: PressoConfig, stages: tuple[str, ...]) -> None:
         raise ConfigError(
             "model.source: a scratch model must be trained first; enable train or set "
             "model.source to smollm2 or a model folder"
+        )
+    if "recover" in stages and "compress" not in stages:
+        raise ConfigError(
+            "recover.enabled: recovery trains the artifact the compress stage makes toward the "
+            "dense model; enable compress too"
         )
     if cfg.model.source != "scratch" and cfg.data.tokenizer != "auto":
         raise ConfigError("data.tokenizer: a pretrained model.source brings its own; use auto")
@@ -155,13 +161,15 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         model = models.load_pretrained(source)[0]
     else:
         model = models.build_scratch(cfg.model.scratch, vocab_size, cfg.train.seq_len, cfg.run.seed)
-    if "train" in stages and cfg.train.resume_from:
-        chosen, skipped = checkpoint.resolve_resume(
-            Path(cfg.train.resume_from), model, cfg.train.workers
-        )
-        for note in skipped:
-            print(f"presso: skipping a damaged checkpoint: {note}", file=sys.stderr, flush=True)
-        cfg.train.resume_from = str(chosen)  # what the run resumes from, as logged
+    for stage, resumed_model in (("train", model), ("recover", None)):
+        section = getattr(cfg, stage)
+        if stage in stages and section.resume_from:
+            chosen, skipped = checkpoint.resolve_resume(
+                Path(section.resume_from), section.workers, resumed_model, f"{stage}.resume_from"
+            )
+            for note in skipped:
+                print(f"presso: skipping a damaged checkpoint: {note}", file=sys.stderr)
+            section.resume_from = str(chosen)  # what the run resumes from, as logged
     layers = calibration = None
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore, model_architecture(cfg))
@@ -197,6 +205,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     enabled = {
         "train": cfg.train.enabled,
         "compress": cfg.compress.enabled,
+        "recover": cfg.recover.enabled,
         "eval": cfg.eval.enabled,
     }
     plan = preflight(cfg, tuple(s for s in stages if enabled[s]))
@@ -222,6 +231,7 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     except BaseException as e:
         error = e
         shutil.rmtree(plan.out / UNVERIFIED, ignore_errors=True)
+        shutil.rmtree(plan.out / RECOVERED, ignore_errors=True)
         print(f"presso: {_kept(plan, summary)}", file=sys.stderr, flush=True)
         raise
     finally:
@@ -246,11 +256,12 @@ def _close_tracking(tracking, summary: dict, error: BaseException | None) -> Non
 def _kept(plan: Preflight, summary: dict) -> str:
     """What a failed pipeline leaves behind, for the user to go on from."""
     kept = []
-    if (plan.out / "ray_train").is_dir():
-        kept.append(
-            f"training checkpoints under {plan.out / 'ray_train'} (continue from the newest "
-            f"with train.resume_from={plan.out / 'ray_train'})"
-        )
+    for stage in ("train", "recover"):
+        if (folder := plan.out / f"ray_{stage}").is_dir():
+            kept.append(
+                f"{stage} checkpoints under {folder} (continue from the newest with "
+                f"{stage}.resume_from={folder})"
+            )
     if summary.get("artifact") == str(plan.out / "compressed"):
         kept.append(f"the evaluated, unregistered artifact {plan.out / 'compressed'}")
     return "kept: " + ("; ".join(kept) if kept else "nothing") + "; no unevaluated artifact"
@@ -368,6 +379,11 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
     # The compressed perplexity is measured on the artifact as saved and reloaded, not on the
     # model in memory: what is registered is exactly what was measured.
     artifact = _compress(cfg, plan, tracking, summary) if "compress" in stages else None
+    recovered = None
+    if artifact is not None and "recover" in stages:
+        from presso.orchestrator.recover import recover_stage
+
+        recovered = recover_stage(cfg, plan, tracking, summary, artifact)
     if "eval" in stages:
         run = tracking.stage("eval")
         e = cfg.eval
@@ -375,32 +391,28 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         test = plan.corpus.test
         kind = "compressed" if packed_source else "dense"
         bos = plan.corpus.bos
-        first = perplexity(model, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
-        values = {
-            f"eval/{kind}_ppl": first.perplexity,
-            f"eval/{kind}_tokens_per_s": first.tokens_per_s,
-        }
-        summary.update(
-            {
-                f"{kind}_ppl": first.perplexity,
-                f"{kind}_tokens_per_s": first.tokens_per_s,
-                "eval_tokens": first.tokens,
-            }
-        )
-        if artifact is not None:
-            packed = presso.load_compressed(artifact)
-            comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
-            values.update(
-                {
-                    "eval/compressed_ppl": comp.perplexity,
-                    "eval/compressed_tokens_per_s": comp.tokens_per_s,
-                }
-            )
+        measured = [(kind, model), ("compressed", artifact), ("recovered", recovered)]
+        values = {}
+        for i, (kind, source) in enumerate(measured):
+            if source is None:
+                continue
+            m = source if i == 0 else presso.load_compressed(source)
+            result = perplexity(m, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
+            values[f"eval/{kind}_ppl"] = result.perplexity
+            values[f"eval/{kind}_tokens_per_s"] = result.tokens_per_s
             summary.update(
-                compressed_ppl=comp.perplexity, compressed_tokens_per_s=comp.tokens_per_s
+                {
+                    f"{kind}_ppl": result.perplexity,
+                    f"{kind}_tokens_per_s": result.tokens_per_s,
+                    "eval_tokens": result.tokens,
+                }
             )
         run.metrics(values, 0)
         run.finish()
+    if recovered is not None:  # the recovered artifact replaces the one it was trained from
+        summary["recovered_bytes"] = folder_bytes(recovered)
+        shutil.rmtree(artifact)
+        artifact = recovered
     if artifact is not None:
         replace_folder(artifact, plan.out / "compressed")
         artifact = plan.out / "compressed"
@@ -409,6 +421,7 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         run = tracking.stage("register")
         name = cfg.tracking.registered_model or f"{cfg.run.name}-compressed"
         summary["registered_model"] = name
-        registered = register_model(run, artifact, name, summary.get("compressed_ppl"))
+        ppl = summary.get("recovered_ppl", summary.get("compressed_ppl"))
+        registered = register_model(run, artifact, name, ppl)
         summary.update(model_version=registered.version or "spooled", champion=registered.champion)
         run.finish()

@@ -22,17 +22,30 @@ def print_summary(s: dict, console: Console | None = None) -> None:
             f"{_num(s.get('train_loss'))}, val loss {_num(s.get('val_loss_start'))} → "
             f"{_num(s.get('val_loss'))}"
         )
+    if "recover_steps" in s:
+        verdict = "kept" if s.get("recovery_kept") else "worse on val: the original is kept"
+        console.print(
+            f"[bold]recover[/bold]: {s['recover_steps']} steps in {s['recover_s']:.0f} s, val "
+            f"perplexity {_num(s.get('recover_val_ppl_before'))} → "
+            f"{_num(s.get('recover_val_ppl_after'))} ({verdict})"
+        )
     columns = [("dense", "dense")] if "dense_ppl" in s or "dense_bytes" in s else []
     if "compressed_ppl" in s or "artifact_bytes" in s:
         columns.append((s.get("method", "compressed"), "compressed"))
+    if "recovered_ppl" in s:
+        columns.append(("recovered", "recovered"))
     if columns:
         tokens = f" ({s['eval_tokens']:,} tokens)" if "eval_tokens" in s else ""
         table = Table(title=f"test split{tokens}", title_justify="left")
         table.add_column("")
         for title, _ in columns:
             table.add_column(title, justify="right")
-        size = {"dense": s.get("dense_bytes"), "compressed": s.get("artifact_bytes")}
-        bits = {"dense": 32.0, "compressed": s.get("avg_bits")}
+        size = {
+            "dense": s.get("dense_bytes"),
+            "compressed": s.get("artifact_bytes"),
+            "recovered": s.get("recovered_bytes"),
+        }
+        bits = {"dense": 32.0, "compressed": s.get("avg_bits"), "recovered": s.get("avg_bits")}
         rows = {
             "perplexity": lambda k: _num(s.get(f"{k}_ppl")),
             "bytes": lambda k: _mb(size[k]),

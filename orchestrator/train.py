@@ -202,33 +202,39 @@ def run_training(
 ) -> Path:
     """Train on Ray Train; returns the folder of the trained model (a Hugging Face folder)."""
     import ray
+
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "train": ray.put(corpus.train),
+        "val": ray.put(corpus.val),
+        "vocab_size": vocab_size,
+        "source": str(source) if source else None,
+        "logger": logger,
+        "fault": os.environ.get("PRESSO_INJECT_FAULT"),  # test hook: "RANK:STEP"
+    }
+    result = fit_on_workers(cfg, "train", train_worker, loop_config, out / "ray_train")
+    dest = out / "trained"
+    with result.checkpoint.as_directory() as d:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(checkpoint.final_model(Path(d)), dest)
+    return dest
+
+
+def fit_on_workers(cfg: PressoConfig, stage: str, worker, loop_config: dict, storage: Path):
+    """Run ``worker`` on Ray Train workers as the ``stage`` section of ``cfg`` (train or recover:
+    workers, threads, GPU, restarts, resume) says; returns Ray Train's result. ``loop_config``
+    gains ``markers``, the run's storage folder (for the fault-injection test hook)."""
     import ray.train
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t = cfg.train
+    t = getattr(cfg, stage)
     # Ray Train's run name must be ASCII (it crashes on others); run.name itself may be any text.
     ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.run.name).strip("_") or "run"
     name = f"{ascii_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = out / "ray_train"
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "train": ray.put(corpus.train),
-            "val": ray.put(corpus.val),
-            "vocab_size": vocab_size,
-            "source": str(source) if source else None,
-            "logger": logger,
-            "fault": os.environ.get("PRESSO_INJECT_FAULT"),  # test hook: "RANK:STEP"
-            "markers": str(storage / name),
-        },
+        worker,
+        train_loop_config={**loop_config, "markers": str(storage / name)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.workers,
@@ -244,17 +250,14 @@ def run_training(
         ),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _training_failure(e, t, storage / name) from None
-    dest = out / "trained"
-    with result.checkpoint.as_directory() as d:
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(checkpoint.final_model(Path(d)), dest)
-    return dest
+        raise _training_failure(e, stage, t.max_failures, storage / name) from None
 
 
-def _training_failure(error: Exception, t: TrainConfig, checkpoints: Path) -> PressoError:
+def _training_failure(
+    error: Exception, stage: str, max_failures: int, checkpoints: Path
+) -> PressoError:
     """The user's own error if a worker raised one (a bad checkpoint, say), else a one-line
     account of the crash that says what was kept and how to go on."""
     failures = getattr(error, "worker_failures", None) or {}
@@ -265,14 +268,14 @@ def _training_failure(error: Exception, t: TrainConfig, checkpoints: Path) -> Pr
     cause = causes[0] if causes else error
     if disk_full(cause):
         return StageError(
-            f"train: no space left on the device of {checkpoints} while writing a checkpoint; "
+            f"{stage}: no space left on the device of {checkpoints} while writing a checkpoint; "
             "free space there or set run.output_dir to a larger disk, then continue from the "
-            f"newest complete checkpoint with train.resume_from={checkpoints}"
+            f"newest complete checkpoint with {stage}.resume_from={checkpoints}"
         )
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     what = f"{type(cause).__name__}: {lines[0][:200] if lines else ''}"
     return StageError(
-        f"train: the workers failed after {t.max_failures} restart(s) ({what}); checkpoints "
+        f"{stage}: the workers failed after {max_failures} restart(s) ({what}); checkpoints "
         f"so far are kept under {checkpoints}: continue from the newest with "
-        f"train.resume_from={checkpoints}, or allow more restarts with train.max_failures"
+        f"{stage}.resume_from={checkpoints}, or allow more restarts with {stage}.max_failures"
     )

@@ -57,9 +57,14 @@ def _tied_duplicates(model: torch.nn.Module) -> set[str]:
 
 
 def save_compressed(
-    model: torch.nn.Module, records: dict, path: str | os.PathLike, tokenizer=None
+    model: torch.nn.Module,
+    records: dict,
+    path: str | os.PathLike,
+    tokenizer=None,
+    metadata: dict | None = None,
 ) -> ArtifactInfo:
-    """Write ``model`` with the layers in ``records`` (name → stored record) kept packed."""
+    """Write ``model`` with the layers in ``records`` (name → stored record) kept packed;
+    ``metadata`` (how the artifact was made) goes into ``quantization_config.presso``."""
     if not hasattr(model, "config"):
         raise UnsupportedError("save_compressed needs a Hugging Face model (one with a .config)")
     dest = Path(path)
@@ -75,6 +80,7 @@ def save_compressed(
         layers[name] = {"format": record.format, "scheme": record.scheme()}
     config = model.config.to_dict()
     config["quantization_config"] = _quantization_config(records, layers, modules)
+    config["quantization_config"]["presso"].update(metadata or {})
 
     with sealed_folder(dest) as tmp:
         save_file(tensors, tmp / WEIGHTS)
@@ -115,6 +121,19 @@ def _quantization_config(records: dict, layers: dict, modules: dict) -> dict:
         "ignore": [n for n in linear if n not in records],
         "presso": {"version": presso.__version__, "layers": layers},
     }
+
+
+def read_records(path: str | os.PathLike) -> dict:
+    """The stored records of a verified artifact's compressed layers, by layer name."""
+    folder = Path(path)
+    verify_manifest(folder)
+    config = json.loads((folder / "config.json").read_text())
+    state = load_file(folder / WEIGHTS)
+    records = {}
+    for name, layer in config["quantization_config"]["presso"]["layers"].items():
+        own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        records[name] = stored_format(layer["format"]).from_tensors(own, layer["scheme"])
+    return records
 
 
 def load_compressed(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:

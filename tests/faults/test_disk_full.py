@@ -35,7 +35,7 @@ if (run / "ray_train").is_dir():
     cfg = load_config("jobs/quickstart.yaml", overrides)
     model = build_scratch(cfg.model.scratch, ByteTokenizer.vocab_size, cfg.train.seq_len, cfg.run.seed)
     try:
-        report["resume"] = str(resolve_resume(run / "ray_train", model, cfg.train.workers)[0])
+        report["resume"] = str(resolve_resume(run / "ray_train", cfg.train.workers, model)[0])
     except PressoError as e:
         report["resume"] = f"refused: {e}"
 print(json.dumps(report))

@@ -30,7 +30,7 @@ def run_folder(tmp_path, tiny_llama):
 def test_newest_is_chosen_from_a_run_or_its_parent(run_folder, tiny_llama):
     """A user points at the folder presso named when it failed; the newest checkpoint wins."""
     for root in (run_folder, run_folder.parent):
-        chosen, skipped = resolve_resume(root, tiny_llama, world=2)
+        chosen, skipped = resolve_resume(root, 2, tiny_llama)
         assert chosen.name.endswith("12-02-00.000000") and skipped == []
 
 
@@ -38,7 +38,7 @@ def test_a_damaged_newest_falls_back_to_the_one_before(run_folder, tiny_llama):
     """A checkpoint cut short or bit-flipped must cost one interval of work, not the run."""
     newest = sorted(run_folder.iterdir())[-1]
     (newest / "rank1" / "train.pt").write_bytes(b"flipped")
-    chosen, skipped = resolve_resume(run_folder, tiny_llama, world=2)
+    chosen, skipped = resolve_resume(run_folder, 2, tiny_llama)
     assert chosen.name.endswith("12-01-00.000000")
     assert len(skipped) == 1 and "does not match its checksum" in skipped[0]
 
@@ -47,15 +47,15 @@ def test_nothing_whole_is_refused_with_the_reason(run_folder, tiny_llama):
     for folder in run_folder.iterdir():
         (folder / "rank0" / "engine.pt").unlink()
     with pytest.raises(IntegrityError, match="no complete checkpoint .*3 damaged.*missing"):
-        resolve_resume(run_folder, tiny_llama, world=2)
+        resolve_resume(run_folder, 2, tiny_llama)
 
 
 def test_another_model_is_refused_not_skipped(run_folder, make_llama):
     """An older checkpoint of the same run would hold the same wrong model: no fallback."""
     with pytest.raises(IntegrityError, match="holds a different model"):
-        resolve_resume(run_folder, make_llama(hidden_size=32), world=2)
+        resolve_resume(run_folder, 2, make_llama(hidden_size=32))
 
 
 def test_another_worker_count_is_refused(run_folder, tiny_llama):
     with pytest.raises(IntegrityError, match="more than 1 workers"):
-        resolve_resume(run_folder, tiny_llama, world=1)
+        resolve_resume(run_folder, 1, tiny_llama)
