@@ -147,7 +147,12 @@ def train_worker(config: dict) -> None:
     model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
     engine = build_engine(model, t, device)
     start = 0
-    if (saved := ray.train.get_checkpoint()) is not None:
+    # Ray Train's own checkpoint after a restart, else train.resume_from (Ray Train V2 refuses
+    # the trainer's resume_from_checkpoint argument: it is deprecated there)
+    saved = ray.train.get_checkpoint()
+    if saved is None and t.resume_from:
+        saved = ray.train.Checkpoint(t.resume_from)
+    if saved is not None:
         with saved.as_directory() as d:
             start = checkpoint.restore(Path(d), engine, rank, world)
         if rank == 0:
@@ -232,7 +237,6 @@ def run_training(
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.threads_per_worker},
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
