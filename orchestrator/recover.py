@@ -59,11 +59,12 @@ def recover_worker(config: dict) -> None:
     log = MetricsBuffer(config["logger"] if rank == 0 else None)
     engine = DDPEngine(student, r, device)
     start = 0
-    if (saved := ray.train.get_checkpoint()) is not None:  # this run's, after a restart
+    saved = ray.train.get_checkpoint()  # this run's after a restart, else recover.resume_from
+    if saved is None and r.resume_from:
+        saved = ray.train.Checkpoint(r.resume_from)
+    if saved is not None:
         with saved.as_directory() as d:
             start = checkpoint.restore(Path(d), engine, rank, world)
-    elif r.resume_from:  # an earlier run's (Ray Train 2 leaves loading it to the loop)
-        start = checkpoint.restore(Path(r.resume_from), engine, rank, world)
     if start and rank == 0:
         print(f"presso: recover resumed from the checkpoint at step {start}", flush=True)
     if start == 0:  # the student's val loss before any step: where the recovery starts from

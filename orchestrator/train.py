@@ -147,11 +147,14 @@ def train_worker(config: dict) -> None:
     model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
     engine = build_engine(model, t, device)
     start = 0
-    if (saved := ray.train.get_checkpoint()) is not None:  # this run's, after a restart
+    # Ray Train's own checkpoint after a restart, else train.resume_from (Ray Train 2 refuses
+    # the trainer's resume_from_checkpoint argument: it is deprecated there)
+    saved = ray.train.get_checkpoint()
+    if saved is None and t.resume_from:
+        saved = ray.train.Checkpoint(t.resume_from)
+    if saved is not None:
         with saved.as_directory() as d:
             start = checkpoint.restore(Path(d), engine, rank, world)
-    elif t.resume_from:  # an earlier run's (Ray Train 2 leaves loading it to the loop)
-        start = checkpoint.restore(Path(t.resume_from), engine, rank, world)
     if start and rank == 0:
         print(f"presso: resumed from the checkpoint at step {start}", flush=True)
         log.add({"train/resumed_from_step": start}, start)
