@@ -41,11 +41,12 @@ class StageError(PressoError):
     """A stage failed while running (workers crashed past their restarts); says what was kept."""
 
 
-def load_compressed(path, device="cpu"):
-    """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.formats.artifact``)."""
-    from presso.compressors.formats.artifact import load_compressed as _load
+def load_compressed(path, dtype=None, device="cpu"):
+    """Rebuild a runnable model from a packed artifact folder, its uncompressed tensors in
+    ``dtype`` (default: as stored) on ``device`` (see ``presso.compressors.formats.loading``)."""
+    from presso.compressors.formats.loading import load_compressed as _load
 
-    return _load(path, device=device)
+    return _load(path, dtype=dtype, device=device)
 
 
 __all__ = [

@@ -197,6 +197,8 @@ class Preflight:
 def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
     compress, so that bad input fails here: before Ray, MLflow or any output folder."""
+    import torch
+
     from presso import load_compressed
     from presso.compressors.ptq import Recipe
     from presso.orchestrator import checkpoint, data, models
@@ -219,8 +221,8 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
     corpus = data.build_corpus(works, splits, tokenizer)
     check_windows(cfg, corpus, stages)
-    if packed:
-        model = load_compressed(source)
+    if packed:  # evaluated on the CPU: computed in fp32, whatever the storage dtype
+        model = load_compressed(source, dtype=torch.float32)
     elif source is not None:
         model = models.load_pretrained(source)[0]
     else:
@@ -231,7 +233,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore)
         if cfg.compress.budget is not None:
-            check_budget(cfg, model, tokenizer)
+            check_budget(cfg, model, tokenizer, models.storage_dtype(cfg.compress.dtype, source))
         if recipe.needs_data:
             k = cfg.compress.calibration
             calibration = calibration_batches(
@@ -353,6 +355,7 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
     """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
     from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
+    from presso.orchestrator.models import storage_dtype
 
     run = tracking.stage("compress")
     c = cfg.compress
@@ -373,7 +376,10 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
             c.threads_per_worker,
             plan.layers,
         )
-    info = save_compressed(result.model, result.records, plan.out / UNVERIFIED, plan.tokenizer)
+    dtype = storage_dtype(c.dtype, plan.source)
+    info = save_compressed(
+        result.model, result.records, plan.out / UNVERIFIED, plan.tokenizer, dtype
+    )
     if chosen is not None:
         check_artifact(chosen, info.artifact_bytes, c.budget)
     for i, layer in enumerate(result.layers):
@@ -411,6 +417,8 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
 
 
 def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
+    import torch
+
     import presso
     from presso.compressors.formats.artifact import folder_bytes
     from presso.compressors.formats.integrity import replace_folder
@@ -446,7 +454,7 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
             }
         )
         if artifact is not None:
-            packed = presso.load_compressed(artifact)
+            packed = presso.load_compressed(artifact, dtype=torch.float32)
             comp = perplexity(packed, test, e.seq_len, e.max_tokens, e.batch_size, bar)
             values.update(
                 {
