@@ -137,6 +137,29 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+# What transformers (5.25, with compressed-tensors 0.20) does with an artifact, by its layers:
+LOADS = "AutoModelForCausalLM.from_pretrained(path) with compressed-tensors installed"
+DEQUANTIZE_ONLY = (
+    "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
+    "dequantize=True)) when every layer shares one scheme (its default path cannot load "
+    "asymmetric zero points or a quantized embedding); else presso.load_compressed(path)"
+)
+PRESSO_ONLY = (
+    "presso.load_compressed(path) only: {formats} are presso's own formats (compressed-tensors "
+    "0.20 reads pack-quantized only; it dropped sparsity_config)"
+)
+
+
+def transformers_support(layers: dict, modules: dict) -> str:
+    """How the artifact loads outside presso (written into its config.json and the README)."""
+    own = sorted({layer["format"] for layer in layers.values()} - {"pack-quantized"})
+    if own:
+        return PRESSO_ONLY.format(formats=", ".join(own))
+    asymmetric = any(not layer["scheme"]["symmetric"] for layer in layers.values())
+    embedding = any(isinstance(modules[name], torch.nn.Embedding) for name in layers)
+    return DEQUANTIZE_ONLY if asymmetric or embedding else LOADS
+
+
 def _quantization_config(layers: dict, modules: dict) -> dict:
     """compressed-tensors' ``quantization_config``: one config group per distinct scheme."""
     groups: dict[str, dict] = {}
@@ -161,5 +184,9 @@ def _quantization_config(layers: dict, modules: dict) -> dict:
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
         "ignore": [n for n in linear if n not in layers],
-        "presso": {"version": presso.__version__, "layers": layers},
+        "presso": {
+            "version": presso.__version__,
+            "load_with": transformers_support(layers, modules),
+            "layers": layers,
+        },
     }
