@@ -316,6 +316,8 @@ def describe(recipe) -> str:
     steps = [*recipe.transforms]
     if recipe.solver not in steps:
         steps.append(recipe.solver)
+    if recipe.embedding is not None:
+        steps.append(recipe.embedding)
     return " + ".join(
         f"{a.name}({', '.join(f'{f.name}={getattr(a, f.name)}' for f in fields(a))})" for a in steps
     )
