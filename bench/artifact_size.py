@@ -11,6 +11,9 @@ evaluation of ``bench/ptq.py`` (16 windows of 512 train tokens, seed 0; perplexi
 - ``fp16``: in the model's half dtype (``compress.dtype: auto``, the default);
 - ``fp16 + emb W8 g64`` / ``W4 g64``: the ``embedding`` recipe entry on top (tied: one tensor).
 
+``MB`` counts the folder as ``bench/ptq.py`` writes it (weights, config.json, manifest); the
+pipeline also writes the tokenizer's files (``+tok MB``).
+
 Each artifact is reloaded with ``presso.load_compressed(dtype=torch.float32)`` for perplexity.
 Peak memory of ``load_compressed`` (default dtype: as stored) is measured in a fresh process:
 the rise of its peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) over the RSS
@@ -146,7 +149,8 @@ def main() -> None:
             work = copy.deepcopy(result.model)
             records.update(EmbeddingQuant(**embedding).compress_embeddings(work))
         folder = tmp / name.replace(" ", "_")
-        info = save_compressed(work, records, folder, tokenizer, dtype)
+        info = save_compressed(work, records, folder, None, dtype)
+        with_tokenizer = save_compressed(work, records, tmp / "tokenized", tokenizer, dtype)
         loaded = presso.load_compressed(folder, dtype=torch.float32)
         peak = load_peak(folder)
         stored = presso.load_compressed(folder).model.norm.weight.dtype
@@ -154,6 +158,7 @@ def main() -> None:
         row = {
             "variant": name,
             "artifact_bytes": info.artifact_bytes,
+            "with_tokenizer_bytes": with_tokenizer.artifact_bytes,
             "ppl": evaluate(loaded),
             "load_only_peak_bytes": peak["load_bytes"],
             "load_peak_bytes": peak["peak_bytes"],
@@ -187,13 +192,14 @@ def table(rows: list[dict], header: bool = True) -> str:
     lines = []
     if header:
         lines.append(
-            f"{'variant':<18} {'MB':>7} {'ppl':>8} {'load MB':>8} {'+forward MB':>11} "
+            f"{'variant':<18} {'MB':>7} {'+tok MB':>7} {'ppl':>8} {'load MB':>8} {'+forward MB':>11} "
             f"{'bound MB':>9}  "
             "transformers"
         )
     for r in rows:
         lines.append(
-            f"{r['variant']:<18} {r['artifact_bytes'] / 1e6:>7.1f} {r['ppl']:>8.3f} "
+            f"{r['variant']:<18} {r['artifact_bytes'] / 1e6:>7.1f} "
+            f"{r['with_tokenizer_bytes'] / 1e6:>7.1f} {r['ppl']:>8.3f} "
             f"{r['load_only_peak_bytes'] / 1e6:>8.1f} {r['load_peak_bytes'] / 1e6:>11.1f} "
             f"{r['load_peak_bound_bytes'] / 1e6:>9.1f}  "
             f"{r['transformers']}"

@@ -137,5 +137,5 @@ def test_champion_serves_from_a_fresh_venv(mlflow_server, make_llama, tmp_path):
     expected = presso.load_compressed(tmp_path / "artifact", dtype=torch.float32)
     with torch.no_grad():
         logits = expected(torch.tensor(INPUT_EXAMPLE)).logits[0, -1]
-    torch.testing.assert_close(torch.tensor(served), logits.double(), atol=1e-5, rtol=1e-5)
-    print(f"fresh venv: install {install_s:.0f} s")
+    torch.testing.assert_close(torch.tensor(served, dtype=torch.float64), logits.double())
+    print(f"fresh venv: install {install_s:.0f} s")  # ~2 min here, 3.2 GB (ray, triton, ...)
