@@ -41,7 +41,7 @@ class StageError(PressoError):
     """A stage failed while running (workers crashed past their restarts); says what was kept."""
 
 
-def load_compressed(path, dtype=None, device="cpu"):
+def load_compressed(path, *, dtype=None, device="cpu"):
     """Rebuild a runnable model from a packed artifact folder, its uncompressed tensors in
     ``dtype`` (default: as stored) on ``device`` (see ``presso.compressors.formats.loading``)."""
     from presso.compressors.formats.loading import load_compressed as _load

@@ -17,7 +17,7 @@ class PackedModel(mlflow.pyfunc.PythonModel):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if device == "cuda" else torch.float32
-        self.model = presso.load_compressed(context.artifacts["packed"], dtype, device)
+        self.model = presso.load_compressed(context.artifacts["packed"], dtype=dtype, device=device)
 
     def predict(self, context, model_input: list[list[int]], params=None) -> list[list[float]]:
         device = next(self.model.buffers()).device

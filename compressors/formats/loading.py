@@ -25,6 +25,7 @@ from presso.compressors.registry import stored_format
 
 def load_compressed(
     path: str | os.PathLike,
+    *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
