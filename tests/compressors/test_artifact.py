@@ -10,7 +10,7 @@ import presso
 from presso import IntegrityError, UnsupportedError
 from presso.compressors.formats.artifact import save_compressed, storage_dtype
 from presso.compressors.formats.linear import QuantizedEmbedding
-from presso.compressors.quant.embedding import EmbeddingQuant
+from presso.compressors.ptq import compress_model
 from presso.compressors.quant.rtn import RTN
 
 
@@ -79,15 +79,13 @@ def test_quantized_embedding_reloads_exactly_and_stays_tied(
 ):
     """The embedding entry quantizes the embedding and lm_head; a tied pair is stored once (the
     artifact has no lm_head tensor) and shares one set of tensors after loading; an untied head
-    gets its own record. The reloaded model computes what the in-memory one does."""
+    gets its own record. The reloaded model computes what the in-memory one does. The entry
+    stands first in the recipe here: it still runs after the solver."""
     model = make_llama(vocab_size=512, tied=tied)
-    entry = EmbeddingQuant(bits=bits, group_size=32, symmetric=symmetric)
-    records = _compress(model, RTN(bits=4, group_size=32))
-    embedded = entry.compress_embeddings(model)
-    assert sorted(embedded) == (
-        ["model.embed_tokens"] if tied else ["lm_head", "model.embed_tokens"]
-    )
-    records.update(embedded)
+    entry = {"embedding": {"bits": bits, "group_size": 32, "symmetric": symmetric}}
+    records = compress_model(model, [entry, {"rtn": {"bits": 4, "group_size": 32}}])
+    embedded = sorted(n for n in records if "layers" not in n)
+    assert embedded == (["model.embed_tokens"] if tied else ["lm_head", "model.embed_tokens"])
     save_compressed(model, records, tmp_path / "art", dtype="float32")
     stored = load_file(tmp_path / "art" / "model.safetensors")
     assert "model.embed_tokens.weight" not in stored and "lm_head.weight" not in stored
