@@ -37,7 +37,8 @@ def checkout_root() -> Path | None:
 
 
 def build_wheel(dest: Path) -> Path | None:
-    """Build presso's wheel (no dependencies bundled) into ``dest``; None without a checkout."""
+    """Build presso's wheel (no dependencies bundled) into ``dest``; None without a checkout or
+    when it cannot be built (the model then requires ``presso==<version>``, as before)."""
     root = checkout_root()
     if root is None:
         return None
@@ -49,10 +50,15 @@ def build_wheel(dest: Path) -> Path | None:
         else:
             src.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, src / name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "--disable-pip-version-check", "-w", str(dest), str(src)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+             "--disable-pip-version-check", "-w", str(dest), str(src)],
+            check=True, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:  # no pip or setuptools here: register
+        detail = getattr(e, "stderr", None) or e  # anyway, with the version requirement
+        print(f"presso: could not build the presso wheel ({str(detail)[-300:]})", file=sys.stderr)
+        return None
     (wheel,) = dest.glob("presso-*.whl")
     return wheel
