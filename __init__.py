@@ -47,11 +47,12 @@ def disk_full(error: BaseException) -> bool:
     return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)
 
 
-def load_compressed(path, device="cpu"):
-    """Rebuild a runnable model from a packed artifact folder (see ``presso.compressors.formats.artifact``)."""
-    from presso.compressors.formats.artifact import load_compressed as _load
+def load_compressed(path, *, dtype=None, device="cpu"):
+    """Rebuild a runnable model from a packed artifact folder, its uncompressed tensors in
+    ``dtype`` (default: as stored) on ``device`` (see ``presso.compressors.formats.loading``)."""
+    from presso.compressors.formats.loading import load_compressed as _load
 
-    return _load(path, device=device)
+    return _load(path, dtype=dtype, device=device)
 
 
 def compress(

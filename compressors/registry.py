@@ -137,7 +137,7 @@ ALGORITHMS = Registry(
     tuple(
         f"presso.compressors.{name}"
         for name in (
-            "quant.rtn", "quant.gptq", "quant.awq", "quant.spqr", "quant.adadim",
+            "quant.rtn", "quant.gptq", "quant.awq", "quant.spqr", "quant.adadim", "quant.embedding",
             "prune.magnitude", "prune.wanda", "prune.sparsegpt", "factor.lowrank",
         )
     ),

@@ -35,6 +35,7 @@ from presso.compressors.plan.planner import (
 )
 from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
+from presso.orchestrator.models import storage_dtype
 
 
 def measuring_recipe(cfg, sensitivity: dict | None = None) -> Recipe:
@@ -42,12 +43,13 @@ def measuring_recipe(cfg, sensitivity: dict | None = None) -> Recipe:
     return Recipe([], CandidateMeasurer(cfg.compress.candidates, sensitivity))
 
 
-def check_budget(cfg, model, tokenizer) -> None:
-    """Refuse a budget no plan can meet, before any calibration or worker starts."""
+def check_budget(cfg, model, tokenizer, dtype: str = "auto") -> None:
+    """Refuse a budget no plan can meet, before any calibration or worker starts (``dtype``:
+    the artifact's storage dtype, as ``save_compressed`` takes it)."""
     c = cfg.compress
     b = c.budget
     if b.bytes is not None:
-        floor = min_artifact_bytes(model, c.candidates, c.ignore, tokenizer)
+        floor = min_artifact_bytes(model, c.candidates, c.ignore, tokenizer, dtype)
         if parse_bytes(b.bytes) < floor:
             raise ConfigError(
                 f"compress.budget.bytes: {b.bytes} ({parse_bytes(b.bytes):,} bytes) is below the "
@@ -108,7 +110,8 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
     )
     options = {name: record.options for name, record in measured.records.items()}
     del measured
-    planner = Planner(plan.model, options, plan.tokenizer)
+    dtype = storage_dtype(c.dtype, plan.source)
+    planner = Planner(plan.model, options, plan.tokenizer, dtype)
     result, search = None, None
     try:
         if b.bytes is not None:

@@ -70,6 +70,14 @@ def plan_layers(
         raise UnsupportedError(
             f"compress.ignore {list(ignore)} leaves no nn.Linear layer to compress in this model"
         )
+    if recipe.embedding is not None:
+        recipe.embedding.check_shapes(model)
+        overlap = set(recipe.embedding.embedding_layers(model)) & set(plan.names)
+        if overlap:
+            raise UnsupportedError(
+                f"compress.recipe: {sorted(overlap)} would be quantized by the solver and by the "
+                "embedding entry; keep lm_head in compress.ignore"
+            )
     return plan
 
 
@@ -268,8 +276,13 @@ def run_compression(
             pool.close()
         if bar:
             bar.close()
+    names = list(plan.names)
+    if recipe.embedding is not None:  # data-free and quick: on the driver
+        embedded = recipe.embedding.compress_embeddings(work)
+        records.update(embedded)
+        names += list(embedded)
     return CompressResult(
-        records={n: records[n] for n in plan.names},
+        records={n: records[n] for n in names},
         model=work,
         layers=layers,
         worker_s=pool.busy_s if pool else [time.perf_counter() - start],

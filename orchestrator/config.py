@@ -136,6 +136,10 @@ class CompressConfig:
     # Steps applied in order; each entry maps one algorithm name to its settings.
     recipe: list[Any] = field(default_factory=lambda: [{"rtn": {"bits": 4, "group_size": 128}}])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # linear layers left dense
+    # Storage dtype of every tensor presso does not compress (embedding, norms, dense layers):
+    # auto = the model's own half precision (bfloat16 if its config.json declares it, else
+    # float16) | float16 | bfloat16 | float32
+    dtype: str = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     # Fit a budget instead (bytes, avg_bits or max_ppl_increase_pct): per-layer settings chosen
     # from `candidates` by presso.compressors.plan.planner replace the recipe.
@@ -186,6 +190,8 @@ class PressoConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+
+STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 _TYPE_WORDS = {"Integer": "int", "Float": "float", "bool": "bool", "Boolean": "bool", "str": "str"}
 
@@ -352,12 +358,19 @@ def validate(cfg: PressoConfig) -> None:
     recipe = Recipe.parse(recipe_algorithms(cfg))  # builds every step and checks their order
     model_architecture(cfg)
     c.candidates.validate("compress.candidates")
+    if c.dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"compress.dtype: expected one of {STORAGE_DTYPES}, got {c.dtype!r}")
     if c.budget is not None:
         c.budget.validate("compress.budget")
         if cfg.model.architecture is not None:
             raise ConfigError(
                 "model.architecture: a budget plan finds layers by the registered descriptions "
                 "only; compress this model with a recipe, or register its description in Python"
+            )
+        if recipe.embedding is not None:
+            raise ConfigError(
+                "compress.budget: the budget planner does not plan the embedding; remove the "
+                "embedding entry from compress.recipe (its layers are planned per layer)"
             )
         if recipe.transforms:
             raise ConfigError(

@@ -64,10 +64,14 @@ def apply(client, uri: str, record: dict) -> str | Registered | None:
 
     kind, run = record["kind"], record.get("run")
     if kind == "experiment":
+        tags = record.get("tags") or {}
         found = client.get_experiment_by_name(record["name"])
-        if found is not None:
-            return found.experiment_id
-        return client.create_experiment(record["name"], record["artifact_location"])
+        if found is None:
+            return client.create_experiment(record["name"], record["artifact_location"], tags)
+        for key, value in tags.items():
+            if key not in found.tags:  # what the experiment already says stays
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
     if kind == "run":
         created = client.create_run(
             record["experiment"], record["start_time"], record["tags"], record["name"]

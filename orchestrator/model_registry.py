@@ -5,6 +5,7 @@ aliases honest — every version is ``candidate``; ``champion`` goes to the best
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,26 @@ def _settle(client, name: str, alias: str, choose) -> str | None:
     raise RuntimeError(f"registry {name}: alias {alias} still moving after {_SETTLE_ROUNDS} rounds")
 
 
+INPUT_EXAMPLE = [[1, 2, 3, 4]]  # token ids of one sequence: predict returns its next-token logits
+
+
+def serving_requirements(wheel: Path | None) -> list[str]:
+    """What serving the model needs: presso (the wheel in the model's ``code/`` folder, or a
+    version no index has when presso runs from no checkout) and the versions it ran with of
+    what loading an artifact imports."""
+    import safetensors
+    import torch
+    import transformers
+
+    own = f"code/{wheel.name}" if wheel else f"presso=={presso.__version__}"
+    return [
+        own,
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"safetensors=={safetensors.__version__}",
+    ]
+
+
 def log_and_register(
     client, uri: str, run_id: str, artifact: Path, name: str, ppl: float | None
 ) -> Registered:
@@ -102,14 +123,18 @@ def log_and_register(
     from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 
     import presso.orchestrator.mlflow_model as model_code
+    from presso.orchestrator.wheel import build_wheel
 
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        wheel = build_wheel(Path(tmp))
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=model_code.__file__,
             artifacts={"packed": str(artifact)},
-            pip_requirements=[f"presso=={presso.__version__}"],
+            code_paths=[str(wheel)] if wheel else None,
+            pip_requirements=serving_requirements(wheel),
+            input_example=INPUT_EXAMPLE,
         )
     # Registered through the client rather than log_model(registered_model_name=...), which
     # prints its own lines to stderr; presso's summary says what was registered.

@@ -220,6 +220,20 @@ def load_pretrained(folder: Path):
     return model.eval(), tokenizer
 
 
+def storage_dtype(setting: str, source: Path | None) -> str:
+    """``compress.dtype`` for ``save_compressed``: ``auto`` becomes bfloat16 when the source
+    folder's config.json declares bfloat16 (a model loaded in fp32 no longer says so itself);
+    otherwise the setting is passed on (``auto``: the model's half dtype, fp16 for fp32)."""
+    if setting != "auto" or source is None:
+        return setting
+    try:
+        declared = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return setting
+    dtype = declared.get("dtype") or declared.get("torch_dtype")
+    return "bfloat16" if dtype == "bfloat16" else setting
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, tied tensors counted once."""
     seen, total = set(), 0

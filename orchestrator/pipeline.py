@@ -133,6 +133,8 @@ class Preflight:
 def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     """Resolve and check the sources, the corpus, the checkpoint and every layer the recipe will
     compress, so that bad input fails here: before Ray, MLflow or any output folder."""
+    import torch
+
     from presso import load_compressed
     from presso.compressors.ptq import Recipe
     from presso.orchestrator import checkpoint, data, models
@@ -155,8 +157,8 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     splits = data.split_works(works, cfg.data.val_works, cfg.data.test_works)
     corpus = data.build_corpus(works, splits, tokenizer)
     check_windows(cfg, corpus, stages)
-    if packed:
-        model = load_compressed(source)
+    if packed:  # evaluated on the CPU: computed in fp32, whatever the storage dtype
+        model = load_compressed(source, dtype=torch.float32)
     elif source is not None:
         model = models.load_pretrained(source)[0]
     else:
@@ -174,7 +176,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore, model_architecture(cfg))
         if cfg.compress.budget is not None:
-            check_budget(cfg, model, tokenizer)
+            check_budget(cfg, model, tokenizer, models.storage_dtype(cfg.compress.dtype, source))
         if recipe.needs_data:
             k = cfg.compress.calibration
             calibration = calibration_batches(
@@ -274,6 +276,8 @@ def describe(recipe) -> str:
     steps = [*recipe.transforms]
     if recipe.solver not in steps:
         steps.append(recipe.solver)
+    if recipe.embedding is not None:
+        steps.append(recipe.embedding)
     return " + ".join(
         f"{a.name}({', '.join(f'{f.name}={getattr(a, f.name)}' for f in fields(a))})" for a in steps
     )
@@ -305,6 +309,7 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
     """Compress ``plan.model`` (a copy of it) and save the artifact; returns its folder."""
     from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
+    from presso.orchestrator.models import storage_dtype
 
     run = tracking.stage("compress")
     c = cfg.compress
@@ -325,7 +330,10 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
             c.threads_per_worker,
             plan.layers,
         )
-    info = save_compressed(result.model, result.records, plan.out / UNVERIFIED, plan.tokenizer)
+    dtype = storage_dtype(c.dtype, plan.source)
+    info = save_compressed(
+        result.model, result.records, plan.out / UNVERIFIED, plan.tokenizer, dtype
+    )
     if chosen is not None:
         check_artifact(chosen, info.artifact_bytes, c.budget)
     for i, layer in enumerate(result.layers):
@@ -363,6 +371,8 @@ def _compress(cfg, plan: Preflight, tracking, summary) -> Path:
 
 
 def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
+    import torch
+
     import presso
     from presso.compressors.formats.artifact import folder_bytes
     from presso.compressors.formats.integrity import replace_folder
@@ -396,7 +406,8 @@ def _compress_and_eval(cfg, plan: Preflight, tracking, summary):
         for i, (kind, source) in enumerate(measured):
             if source is None:
                 continue
-            m = source if i == 0 else presso.load_compressed(source)
+            # fp32 on the CPU, as the dense model is measured (the artifact stores half precision)
+            m = source if i == 0 else presso.load_compressed(source, dtype=torch.float32)
             result = perplexity(m, test, e.seq_len, e.max_tokens, e.batch_size, bar, bos)
             values[f"eval/{kind}_ppl"] = result.perplexity
             values[f"eval/{kind}_tokens_per_s"] = result.tokens_per_s

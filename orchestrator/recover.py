@@ -142,10 +142,11 @@ def run_recovery(cfg: PressoConfig, plan, artifact: Path, logger, dest: Path) ->
     import presso
     from presso.compressors.formats.artifact import WEIGHTS, read_records, save_compressed
     from presso.orchestrator.evaluate import perplexity
+    from presso.orchestrator.models import storage_dtype
 
     r, e = cfg.recover, cfg.eval
     records = read_records(artifact)
-    original = presso.load_compressed(artifact)
+    original = presso.load_compressed(artifact, dtype=torch.float32)  # learns in fp32
     student = make_recoverable(copy.deepcopy(original), records, r.learn)
     tick = time.perf_counter()
     loop_config = {
@@ -166,7 +167,10 @@ def run_recovery(cfg: PressoConfig, plan, artifact: Path, logger, dest: Path) ->
     settings = {"steps": r.steps, "tokens": tokens, "learn": list(r.learn), "lr": r.optimizer.lr}
     settings.update(temperature=r.temperature, workers=r.workers, teacher="dense model")
     skeleton = _dense_skeleton(plan.model, student, records)
-    save_compressed(skeleton, learned, dest, plan.tokenizer, {"recovery": settings})
+    save_compressed(
+        skeleton, learned, dest, plan.tokenizer,
+        dtype=storage_dtype(cfg.compress.dtype, plan.source), metadata={"recovery": settings},
+    )  # fmt: skip
     sizes = [(folder / WEIGHTS).stat().st_size for folder in (artifact, dest)]
     if sizes[0] != sizes[1]:  # same records, same dtypes and shapes: a bug if not
         raise IntegrityError(f"recover: weights {sizes[0]:,} bytes became {sizes[1]:,}")
@@ -174,7 +178,7 @@ def run_recovery(cfg: PressoConfig, plan, artifact: Path, logger, dest: Path) ->
     def val_ppl(model) -> float:
         return perplexity(model, plan.corpus.val, e.seq_len, e.max_tokens, e.batch_size).perplexity
 
-    before, after = val_ppl(original), val_ppl(presso.load_compressed(dest))
+    before, after = val_ppl(original), val_ppl(presso.load_compressed(dest, dtype=torch.float32))
     kept = after <= before
     if not kept:
         shutil.rmtree(dest)

@@ -26,6 +26,9 @@ _PARAM_LIMIT = 6000  # MLflow's longest param value
 _TAG_LIMIT = 5000  # well inside MLflow's longest tag value
 ERROR_TAG = "presso.error"
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000  # MLflow's log_batch limits
+# The experiment type MLflow's UI reads (mlflow 3's `mlflow.experimentKind`): without it, a new
+# experiment opens on the GenAI overview; "custom_model_development" opens the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def resolve_uri(cfg: PressoConfig) -> str:
@@ -168,7 +171,9 @@ class Tracking:
         if self.uri.startswith("sqlite:"):  # a local store keeps artifacts beside it
             location = (Path(cfg.run.output_dir).resolve() / "mlartifacts").as_uri()
         name = cfg.tracking.experiment or cfg.run.name
-        self.experiment_id = self._create("experiment", name=name, artifact_location=location)
+        self.experiment_id = self._create(
+            "experiment", name=name, artifact_location=location, tags=EXPERIMENT_TAGS
+        )
         self.parent: RunLogger | None = None
         self.stages: list[RunLogger] = []
 

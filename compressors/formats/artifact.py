@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import presso
-from presso import IntegrityError, UnsupportedError
+from presso import UnsupportedError
 from presso.compressors.formats.integrity import sealed_folder, verify_manifest
 from presso.compressors.registry import stored_format
 
@@ -56,21 +56,52 @@ def _tied_duplicates(model: torch.nn.Module) -> set[str]:
     return dups
 
 
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def storage_dtype(model: torch.nn.Module, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype of every floating tensor presso does not compress. ``auto`` is the model's own
+    half precision: its parameters' dtype when that is fp16 or bf16 already; for an fp32 model,
+    bf16 if its config declares bf16 (it was trained so), else fp16 (as llm-compressor stores).
+    transformers overwrites ``config.dtype`` with the dtype a model is loaded in: callers that
+    loaded a bf16 checkpoint in fp32 pass ``"bfloat16"`` (the orchestrator reads the folder's
+    ``config.json``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in STORAGE_DTYPES:
+            raise UnsupportedError(
+                f"storage dtype {dtype!r}: expected auto or one of {sorted(STORAGE_DTYPES)}"
+            )
+        return STORAGE_DTYPES[dtype]
+    own = {p.dtype for p in model.parameters()} & {torch.float16, torch.bfloat16}
+    if own:
+        return own.pop()
+    declared = getattr(getattr(model, "config", None), "dtype", None)
+    return torch.bfloat16 if str(declared).removeprefix("torch.") == "bfloat16" else torch.float16
+
+
+def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+
+
 def save_compressed(
     model: torch.nn.Module,
     records: dict,
     path: str | os.PathLike,
     tokenizer=None,
+    dtype: str | torch.dtype = "auto",
     metadata: dict | None = None,
 ) -> ArtifactInfo:
-    """Write ``model`` with the layers in ``records`` (name → stored record) kept packed;
-    ``metadata`` (how the artifact was made) goes into ``quantization_config.presso``."""
+    """Write ``model`` with the layers in ``records`` (name → stored record) kept packed, every
+    other floating tensor in ``dtype`` (see :func:`storage_dtype`); ``metadata`` (how the
+    artifact was made) goes into ``quantization_config.presso``."""
     if not hasattr(model, "config"):
         raise UnsupportedError("save_compressed needs a Hugging Face model (one with a .config)")
     dest = Path(path)
+    store = storage_dtype(model, dtype)
     modules = dict(model.named_modules())
-    skip = _tied_duplicates(model) | {f"{name}.weight" for name in records}
-    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items() if n not in skip}
+    tensors = {n: _stored(t, store) for n, t in kept_tensors(model, records).items()}
     layers, compressed_bytes, compressed_weights = {}, 0, 0
     for name, record in records.items():
         for suffix, t in record.tensors().items():
@@ -78,8 +109,7 @@ def save_compressed(
             compressed_bytes += t.numel() * t.element_size()
         compressed_weights += modules[name].weight.numel()
         layers[name] = {"format": record.format, "scheme": record.scheme()}
-    config = model.config.to_dict()
-    config["quantization_config"] = _quantization_config(records, layers, modules)
+    config = artifact_config(model, layers, store)
     config["quantization_config"]["presso"].update(metadata or {})
 
     with sealed_folder(dest) as tmp:
@@ -90,12 +120,51 @@ def save_compressed(
     return ArtifactInfo(dest, folder_bytes(dest), compressed_weights, compressed_bytes)
 
 
+def kept_tensors(model: torch.nn.Module, layers) -> dict[str, torch.Tensor]:
+    """The model's own tensors the artifact keeps: all but tied duplicates and the weights of
+    the compressed ``layers``."""
+    skip = _tied_duplicates(model) | {f"{name}.weight" for name in layers}
+    return {n: t for n, t in model.state_dict().items() if n not in skip}
+
+
+def artifact_config(model: torch.nn.Module, layers: dict, dtype: torch.dtype) -> dict:
+    """``config.json``: the model's config, its storage dtype, and the quantization config of
+    ``layers`` (name → ``{"format", "scheme"}``)."""
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = _quantization_config(layers, dict(model.named_modules()))
+    return config
+
+
 def folder_bytes(folder: Path) -> int:
     """Bytes of every file in an artifact folder, metadata included."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def _quantization_config(records: dict, layers: dict, modules: dict) -> dict:
+# What transformers (5.25, with compressed-tensors 0.20) does with an artifact, by its layers:
+LOADS = "AutoModelForCausalLM.from_pretrained(path) with compressed-tensors installed"
+DEQUANTIZE_ONLY = (
+    "AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig("
+    "dequantize=True)) when every layer shares one scheme (its default path cannot load "
+    "asymmetric zero points or a quantized embedding); else presso.load_compressed(path)"
+)
+PRESSO_ONLY = (
+    "presso.load_compressed(path) only: {formats} are presso's own formats (compressed-tensors "
+    "0.20 reads pack-quantized only; it dropped sparsity_config)"
+)
+
+
+def transformers_support(layers: dict, modules: dict) -> str:
+    """How the artifact loads outside presso (written into its config.json and the README)."""
+    own = sorted({layer["format"] for layer in layers.values()} - {"pack-quantized"})
+    if own:
+        return PRESSO_ONLY.format(formats=", ".join(own))
+    asymmetric = any(not layer["scheme"]["symmetric"] for layer in layers.values())
+    embedding = any(isinstance(modules[name], torch.nn.Embedding) for name in layers)
+    return DEQUANTIZE_ONLY if asymmetric or embedding else LOADS
+
+
+def _quantization_config(layers: dict, modules: dict) -> dict:
     """compressed-tensors' ``quantization_config``: one config group per distinct scheme."""
     groups: dict[str, dict] = {}
     for name, layer in layers.items():
@@ -118,8 +187,12 @@ def _quantization_config(records: dict, layers: dict, modules: dict) -> dict:
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
-        "ignore": [n for n in linear if n not in records],
-        "presso": {"version": presso.__version__, "layers": layers},
+        "ignore": [n for n in linear if n not in layers],
+        "presso": {
+            "version": presso.__version__,
+            "load_with": transformers_support(layers, modules),
+            "layers": layers,
+        },
     }
 
 
@@ -134,35 +207,3 @@ def read_records(path: str | os.PathLike) -> dict:
         own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
         records[name] = stored_format(layer["format"]).from_tensors(own, layer["scheme"])
     return records
-
-
-def load_compressed(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
-    """Verify an artifact's checksums and rebuild a runnable model from it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise IntegrityError(f"artifact {folder} does not exist")
-    verify_manifest(folder)
-    config = AutoConfig.from_pretrained(folder)
-    layers = config.quantization_config["presso"]["layers"]
-    del config.quantization_config  # transformers must not try to apply it on its own
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_file(folder / WEIGHTS)
-    for name, layer in layers.items():
-        prefix = f"{name}."
-        own = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
-        record = stored_format(layer["format"]).from_tensors(own, layer["scheme"])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, record.module(own.get("bias")))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    replaced = tuple(f"{name}." for name in layers)
-    missing = (
-        set(missing) - _tied_duplicates(model) - {k for k in missing if k.startswith(replaced)}
-    )
-    if missing or unexpected:
-        raise IntegrityError(
-            f"artifact {folder} does not match its config: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}; write the artifact again"
-        )
-    return model.to(device).eval()

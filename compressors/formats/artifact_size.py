@@ -6,8 +6,8 @@ A budget is about the whole folder, so everything is counted, not only the tenso
   shape and byte offsets, padded with spaces to a multiple of 8) and the data. The header is
   rendered the way the safetensors library writes it: tensors sorted by dtype (widest first),
   then by name, offsets in that order. Offsets change digit counts, so the order matters.
-- ``config.json``: the model's config plus the ``quantization_config`` of the planned records,
-  rendered by the artifact module's own function;
+- ``config.json``: the model's config, storage dtype and the ``quantization_config`` of the
+  planned records, rendered by the artifact module's own function;
 - tokenizer files: written once to a temporary folder and measured;
 - ``manifest.json``: one entry per other file; a sha256 is always 64 hex digits, so only the sizes
   (rendered above) change its length.
@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
-from presso.compressors.formats.artifact import WEIGHTS, _quantization_config, _tied_duplicates
+from presso.compressors.formats.artifact import (
+    WEIGHTS,
+    artifact_config,
+    kept_tensors,
+    storage_dtype,
+)
 from presso.compressors.formats.integrity import MANIFEST
 from presso.compressors.plan.candidates import Specs
 
@@ -87,10 +92,11 @@ def manifest_bytes(files: dict[str, int]) -> int:
 
 class ArtifactSizer:
     """Predicts ``save_compressed(model, records, path, tokenizer).artifact_bytes`` for records
-    described by their format, scheme and tensor shapes (in the order the records will have)."""
+    described by their format, scheme and tensor shapes (in the order the records will have),
+    and the same storage ``dtype``."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, tokenizer=None, dtype="auto") -> None:
+        self.model, self.dtype = model, storage_dtype(model, dtype)
         self.tokenizer_files: dict[str, int] = {}
         if tokenizer is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -103,11 +109,9 @@ class ArtifactSizer:
 
     def tensors(self, layers: dict[str, LayerRecord]) -> Specs:
         """Every tensor of the safetensors file: the model's own, planned weights replaced."""
-        skip = _tied_duplicates(self.model) | {f"{name}.weight" for name in layers}
         out = {
-            n: (t.dtype, tuple(t.shape))
-            for n, t in self.model.state_dict().items()
-            if n not in skip
+            n: (self.dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
+            for n, t in kept_tensors(self.model, layers).items()
         }
         for name, (_, _, specs) in layers.items():
             out.update({f"{name}.{suffix}": spec for suffix, spec in specs.items()})
@@ -118,9 +122,7 @@ class ArtifactSizer:
         meta = {
             name: {"format": fmt, "scheme": scheme} for name, (fmt, scheme, _) in layers.items()
         }
-        config = self.model.config.to_dict()
-        modules = dict(self.model.named_modules())
-        config["quantization_config"] = _quantization_config(meta, meta, modules)
+        config = artifact_config(self.model, meta, self.dtype)
         files = {
             WEIGHTS: safetensors_bytes(self.tensors(layers)),
             "config.json": len(json.dumps(config, indent=1, default=str).encode()),

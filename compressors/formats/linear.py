@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from presso.compressors.quant.primitives import dequantize
 from presso.kernels.outliers import Outliers
+from presso.kernels.packing import unpack_int32
 from presso.kernels.sparse24 import sparse24_matmul
 from presso.kernels.wquant_matmul import dequant_matmul, prepare_weight
 
@@ -84,6 +86,43 @@ class QuantizedLinear(torch.nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """A token embedding kept in the ``pack-quantized`` layout: a lookup gathers the packed rows
+    of its tokens and dequantizes only those. ``dtype`` is the dtype of what it returns (the
+    model's). A tied ``lm_head`` is a :class:`QuantizedLinear` over the very same tensors."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], bits: int, group_size: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.num_embeddings, self.embedding_dim = (int(v) for v in tensors["weight_shape"])
+        for name in ("weight_packed", "weight_scale", "weight_zero_point"):
+            self.register_buffer(name, tensors.get(name))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("weight_packed", "weight_scale", "weight_zero_point")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat, offset = ids.reshape(-1), 1 << (self.bits - 1)
+        q = unpack_int32(self.weight_packed[flat], self.bits, self.embedding_dim).to(torch.int32)
+        scale = self.weight_scale[flat]
+        if self.weight_zero_point is None:
+            zero = torch.full(scale.shape, offset, dtype=torch.int32, device=q.device)
+        else:  # packed along the rows: unpack all (one code per group), then gather
+            zero = unpack_int32(self.weight_zero_point, self.bits, self.num_embeddings, dim=0)
+            zero = zero[flat].to(torch.int32)
+        rows = dequantize(q - offset, scale, zero - offset, self.group_size)
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+            f"group_size={self.group_size}"
         )
 
 

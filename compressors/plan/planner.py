@@ -33,14 +33,20 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import torch
 
 from presso import ConfigError, DataError, UnsupportedError
 from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord, entry_bytes
-from presso.compressors.plan.candidates import Candidate, CandidateGrid, Option, measure_layer
+from presso.compressors.plan.candidates import (
+    Candidate,
+    CandidateGrid,
+    Option,
+    measure_layer,
+    spec_bytes,
+)
 from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_within_bytes
 from presso.compressors.ptq.blocks import compress_model, model_inputs, select_layers
 from presso.compressors.ptq.calibration import HessianStats
@@ -196,7 +202,7 @@ def measure_model(
 
 
 def min_artifact_bytes(
-    model: torch.nn.Module, grid: CandidateGrid, ignore: Iterable[str], tokenizer=None
+    model: torch.nn.Module, grid: CandidateGrid, ignore: Iterable[str], tokenizer=None, dtype="auto"
 ) -> int:
     """The exact artifact size with every layer at its cheapest quantized or pruned setting.
 
@@ -204,13 +210,14 @@ def min_artifact_bytes(
     candidates are not counted: their ranks are known only once the layers are measured.)
     """
     layers: dict[str, LayerRecord] = {}
+    sizer = ArtifactSizer(model, tokenizer, dtype)
     for name, lin in planned_layers(model, ignore).items():
         n, k = lin.weight.shape
-        c = min(grid.candidates(k), key=lambda c: c.nbytes(n, k, lin.weight.dtype))
+        c = min(grid.candidates(k), key=lambda c: c.nbytes(n, k, sizer.dtype))
         if c.kind != "dense":
             record = c.proxy(torch.zeros(n, k))  # for the format and scheme config.json lists
             layers[name] = (record.format, record.scheme(), c.tensor_specs(n, k))
-    return ArtifactSizer(model, tokenizer).total(layers)
+    return sizer.total(layers)
 
 
 @dataclass
@@ -299,13 +306,25 @@ class BudgetPlan:
         return "\n".join(lines)
 
 
+def _stored_as(option: Option, dtype: torch.dtype) -> Option:
+    """A layer left dense is stored like the model's other uncompressed tensors, in ``dtype``."""
+    if option.format:
+        return option
+    specs = {
+        s: (dtype if d.is_floating_point else d, shape) for s, (d, shape) in option.specs.items()
+    }
+    return replace(option, specs=specs, bytes=spec_bytes(specs))
+
+
 class Planner:
     """Plans for any budget from one table of measured options (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, options: dict[str, list[Option]], tokenizer=None):
+    def __init__(
+        self, model: torch.nn.Module, options: dict[str, list[Option]], tokenizer=None, dtype="auto"
+    ):
         self.names = list(options)
-        self.options = [options[n] for n in self.names]
-        self.sizer = ArtifactSizer(model, tokenizer)
+        self.sizer = ArtifactSizer(model, tokenizer, dtype)  # dtype: save_compressed's
+        self.options = [[_stored_as(o, self.sizer.dtype) for o in options[n]] for n in self.names]
         self.weights = sum(opts[0].weights for opts in self.options)
         digits = len(str(self.sizer.total({})))  # offsets in the header have about this many
         self.cost = [

@@ -369,4 +369,7 @@ def compress_model(
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
     layers = select_layers(model, recipe, ignore, architecture)
-    return compress_blocks(model, layers, recipe, InProcess(progress), calib_batches)[0]
+    records = compress_blocks(model, layers, recipe, InProcess(progress), calib_batches)[0]
+    if recipe.embedding is not None:  # after the solver, as the pool runs it
+        records.update(recipe.embedding.compress_embeddings(model))
+    return records

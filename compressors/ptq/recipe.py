@@ -7,6 +7,9 @@ block, then the last entry solves every layer. A transform that is also the last
 solves with its own data-free rounding. Joint prune + quantize is one solver (``sparsegpt`` with
 ``bits``), not a pruner followed by a quantizer: only inside one sweep can the quantization
 error be compensated together with the pruning error.
+
+An ``embedding`` entry (:mod:`presso.compressors.quant.embedding`) may stand anywhere: it
+quantizes the token embedding and lm_head after the solver, and is kept apart as ``embedding``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from presso.compressors.registry import build
 class Recipe:
     transforms: list  # block transforms, applied in order (AWQ)
     solver: object  # the algorithm that turns each layer into a stored record
+    embedding: object | None = None  # quantizes the embedding and lm_head afterwards (opt-in)
 
     @classmethod
     def parse(cls, entries: Sequence, prefix: str = "compress.recipe") -> Recipe:
@@ -34,6 +38,10 @@ class Recipe:
                 ((name, params),) = entry.items()
                 entry = build(name, dict(params or {}), f"{prefix}[{i}]")
             algos.append(entry)
+        embeddings = [a for a in algos if getattr(a, "quantizes_embeddings", False)]
+        if len(embeddings) > 1:
+            raise ConfigError(f"{prefix}: more than one embedding entry; keep one")
+        algos = [a for a in algos if a not in embeddings]
         if not algos:
             raise ConfigError(f"{prefix}: empty; give at least one algorithm, e.g. [{{rtn: {{}}}}]")
         for i, algo in enumerate(algos[:-1]):
@@ -44,7 +52,8 @@ class Recipe:
                 )
         if not hasattr(algos[-1], "compress"):
             raise ConfigError(f"{prefix}[{len(algos) - 1}]: the last entry must solve layers")
-        return cls([a for a in algos if hasattr(a, "transform_block")], algos[-1])
+        transforms = [a for a in algos if hasattr(a, "transform_block")]
+        return cls(transforms, algos[-1], embeddings[0] if embeddings else None)
 
     def solver_stats(self):
         """The solver's statistic factory, or ``None`` when it solves without data."""

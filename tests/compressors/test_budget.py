@@ -68,7 +68,7 @@ def test_planned_artifacts_match_their_size_and_never_exceed_the_budget(planned,
     model, calib, planner = planned
     smallest = planner.smallest().artifact_bytes
     kinds = set()
-    for i, max_bytes in enumerate([smallest, smallest + 997, 60_000, 75_000, 90_000, 200_000]):
+    for i, max_bytes in enumerate([smallest, smallest + 997, 60_000, 75_000, 90_000, 150_000]):
         plan = planner.for_bytes(max_bytes)
         records, info = _solve_and_save(model, calib, plan, tmp_path / f"a{i}")
         assert info.artifact_bytes == plan.artifact_bytes <= max_bytes
@@ -81,7 +81,8 @@ def test_planned_artifacts_match_their_size_and_never_exceed_the_budget(planned,
 def test_candidate_bytes_equal_the_bytes_stored_for_each_layer(planned, tmp_path):
     """Every candidate kind — grids, 2:4 and unstructured masks (with and without codes),
     low-rank factors — must count exactly the tensor bytes the artifact stores for the layer,
-    and the solved record must have exactly the shapes the candidate predicted."""
+    and the solved record must have exactly the shapes the candidate predicted. A layer left
+    dense is stored in the artifact's storage dtype (fp16 for this fp32 model)."""
     model, calib, planner = planned
     layer = planner.names[-1]
     options = planner.options[-1]
@@ -92,7 +93,7 @@ def test_candidate_bytes_equal_the_bytes_stored_for_each_layer(planned, tmp_path
     for option in options:
         algo = option.candidate.solver()
         if algo is None:
-            assert option.bytes == weight.numel() * weight.element_size()
+            assert option.bytes == weight.numel() * torch.float16.itemsize
             continue
         record = algo.compress(weight, stats, layer)
         shapes = {s: (t.dtype, tuple(t.shape)) for s, t in record.tensors().items()}

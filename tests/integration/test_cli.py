@@ -55,7 +55,11 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
     assert parent.data.params["train.steps"] == "4"
-    assert parent.data.params["compress.recipe"] == "[{'rtn': {'bits': 4, 'group_size': 32}}]"
+    # every setting spelled out, defaults included: the run records exactly what ran
+    assert (
+        parent.data.params["compress.recipe"]
+        == "[{'rtn': {'bits': 4, 'group_size': 32, 'symmetric': True}}]"
+    )
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "config.yaml",
         "summary.json",

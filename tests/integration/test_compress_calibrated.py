@@ -152,6 +152,7 @@ def test_stage_perplexity_is_the_reloaded_artifacts(pools, tmp_path, make_llama)
     assert summary["method"].startswith("awq(bits=4") and " + gptq(bits=3" in summary["method"]
     works = load_works(str(corpus))
     test = build_corpus(works, split_works(works, ["beta"], ["gamma"]), ByteTokenizer()).test
-    reloaded = perplexity(presso.load_compressed(summary["artifact"]), test, 64, 1024)
+    packed = presso.load_compressed(summary["artifact"], dtype=torch.float32)  # as evaluated
+    reloaded = perplexity(packed, test, 64, 1024)
     assert reloaded.perplexity == summary["compressed_ppl"]
     assert summary["compressed_ppl"] != summary["dense_ppl"]

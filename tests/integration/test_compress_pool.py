@@ -29,3 +29,16 @@ def test_worker_count_and_failure_do_not_change_the_artifact(local_ray, tiny_lla
     _same(one.records, faulty.records)
     assert faulty.reassigned >= 1 and one.reassigned == two.reassigned == 0
     assert {layer.worker for layer in two.layers} == {0, 1}
+
+
+def test_the_pool_applies_the_embedding_entry_after_the_solver(local_ray, tiny_llama):
+    """On the pool, as in one process: the embedding entry quantizes the tied embedding once,
+    after the layers, and the result's model holds its dequantized values."""
+    from presso.compressors.ptq import compress_model
+
+    recipe = [{"embedding": {"bits": 8, "group_size": 32}}, {"rtn": {"bits": 4, "group_size": 32}}]
+    pooled = run_compression(tiny_llama, recipe, workers=2, ignore=["lm_head"])
+    assert list(pooled.records)[-1] == "model.embed_tokens" and len(pooled.records) == 15
+    _same(pooled.records, compress_model(tiny_llama, recipe))
+    embedding = pooled.model.get_input_embeddings().weight
+    assert torch.equal(embedding, pooled.records["model.embed_tokens"].dequantize())

@@ -25,6 +25,15 @@ JOB = "jobs/quickstart.yaml"
         ("data.test_works=[hamlet]", "data.test_works: ['hamlet'] also in data.val_works"),
         ("data.tokenizer=words", "data.tokenizer: expected auto, bytes or smollm2"),
         ("trainsteps", "expected key=value"),
+        ("compress.dtype=float8", "compress.dtype: expected one of"),
+        (
+            "compress.recipe=[{embedding: {bits: 8}}, {embedding: {bits: 4}}, {rtn: {}}]",
+            "compress.recipe: more than one embedding entry",
+        ),
+        (
+            "compress.recipe=[{rtn: {}}, {embedding: {bits: 9}}]",
+            "compress.recipe[1].embedding.bits: must be in [2, 8]",
+        ),
     ],
 )
 def test_bad_override_names_the_key(override, message):
@@ -81,3 +90,36 @@ def test_job_files_are_bounded_in_size_and_must_be_text(tmp_path):
     binary.write_bytes(bytes(range(128, 256)))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_config(binary)
+
+
+def test_embedding_entry_may_stand_anywhere_in_the_recipe():
+    """The embedding entry runs after the solver wherever it is listed; it is kept apart."""
+    from presso.compressors.ptq import Recipe
+    from presso.orchestrator.config import recipe_algorithms
+
+    for recipe in ("[{embedding: {}}, {gptq: {}}]", "[{gptq: {}}, {embedding: {}}]"):
+        cfg = load_config(JOB, [f"compress.recipe={recipe}"])
+        parsed = Recipe.parse(recipe_algorithms(cfg))
+        assert parsed.solver.name == "gptq" and parsed.embedding.bits == 8
+
+
+def test_budget_with_an_embedding_entry_is_refused():
+    """A budget plan replaces the recipe and does not plan the embedding: refused up front."""
+    recipe = "compress.recipe=[{rtn: {}}, {embedding: {}}]"
+    with pytest.raises(ConfigError, match="compress.budget: the budget planner does not plan"):
+        load_config(JOB, [recipe, "compress.budget.avg_bits=4"])
+
+
+def test_storage_dtype_auto_follows_the_declared_dtype(tmp_path):
+    """A bf16 checkpoint is loaded in fp32 (its config then says float32), so `auto` reads the
+    folder's config.json: bf16 stays bf16; anything else, and a scratch model, is fp16."""
+    import json
+
+    from presso.orchestrator.models import storage_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    assert storage_dtype("auto", tmp_path) == "bfloat16"
+    assert storage_dtype("float32", tmp_path) == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert storage_dtype("auto", tmp_path) == "auto"  # save_compressed: fp16 for an fp32 model
+    assert storage_dtype("auto", None) == "auto"

@@ -25,6 +25,8 @@ from presso.orchestrator.model_registry import (
 from presso.orchestrator.spool import Spool, find_spools, is_local, new_local_id
 from presso.orchestrator.tracking import Tracking, plot_curves, register_model, run_tags
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
 
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch):
@@ -106,6 +108,7 @@ def test_offline_pipeline_replays_to_a_store_intact(store, tmp_path, monkeypatch
     assert sync_all([tmp_path / "out"], store) == pending
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("offline")
+    assert experiment.tags[EXPERIMENT_KIND] == "custom_model_development"
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"offline", "train", "register"}
     root_id = runs["offline"].info.run_id
@@ -130,6 +133,25 @@ def test_offline_pipeline_replays_to_a_store_intact(store, tmp_path, monkeypatch
     assert sync_all([spool], store) == 0  # replayed records are never sent twice
     history = client.get_metric_history(runs["train"].info.run_id, "train/loss")
     assert len(history) == len(expected["train/loss"])
+
+
+def test_experiments_are_typed_as_ml_training(store, tmp_path):
+    """MLflow's UI opens an experiment by its ``mlflow.experimentKind`` tag: presso's experiments
+    say "custom_model_development" (runs table, not the GenAI overview), an existing experiment
+    without the tag gets it, and one whose kind someone chose keeps it."""
+    client = MlflowClient(store)
+    client.create_experiment("untyped")
+    client.create_experiment("chosen", tags={EXPERIMENT_KIND: "finetuning"})
+    kinds = {}
+    for name in ("fresh", "untyped", "chosen"):
+        cfg = PressoConfig()
+        cfg.run.name, cfg.run.output_dir, cfg.tracking.uri = name, str(tmp_path), store
+        kinds[name] = client.get_experiment(Tracking(cfg).experiment_id).tags[EXPERIMENT_KIND]
+    assert kinds == {
+        "fresh": "custom_model_development",
+        "untyped": "custom_model_development",
+        "chosen": "finetuning",
+    }
 
 
 def test_replay_resumes_where_an_outage_stopped_it(tmp_path):
