@@ -37,6 +37,7 @@ def compress(
     seq_len: int = 512,
     batch_size: int = 8,
     architecture=None,
+    dtype: str | torch.dtype = "auto",
 ) -> torch.nn.Module:
     """A compressed copy of ``model`` (a Hugging Face causal LM; ``model`` is left untouched)
     whose compressed linears keep their weights packed — what ``presso.load_compressed`` of the
@@ -50,9 +51,11 @@ def compress(
     token ids — batches ``[B, T]``, or one ``[N, T]`` tensor cut into batches of ``batch_size``.
     ``workers``: 0 compresses in this process; N > 0 on N Ray actors. ``output``: also write the
     artifact folder there (with ``tokenizer``). ``architecture``: a description for a model type
-    presso does not know (:mod:`presso.compressors.ptq.architectures`).
+    presso does not know (:mod:`presso.compressors.ptq.architectures`). ``dtype``: how the
+    tensors presso does not compress are stored (default: the model's half precision); the
+    returned model holds their stored values, in the model's own dtype.
     """
-    from presso.compressors.formats.artifact import save_compressed
+    from presso.compressors.formats.artifact import kept_tensors, save_compressed, storage_dtype
     from presso.orchestrator.compress import plan_layers, run_compression
 
     if workers < 0:
@@ -79,8 +82,13 @@ def compress(
         result = run_compression(model, recipe, workers, list(ignore), None, batches, plan=layers)
     else:
         result = _compress_to_budget(model, budget, batches, tokenizer, workers, ignore)
+    store = storage_dtype(result.model, dtype)
     if output is not None:
-        save_compressed(result.model, result.records, output, tokenizer)
+        save_compressed(result.model, result.records, output, tokenizer, dtype=store)
+    with torch.no_grad():  # what the artifact holds: the kept tensors rounded to their storage
+        for t in kept_tensors(result.model, result.records).values():
+            if t.is_floating_point():
+                t.copy_(t.to(store))
     return _packed(result.model, result.records)
 
 
@@ -153,7 +161,9 @@ def _compress_to_budget(model, budget: BudgetConfig, batches, tokenizer, workers
     cfg = PressoConfig()
     cfg.compress.budget, cfg.compress.workers, cfg.compress.ignore = budget, workers, list(ignore)
     check_budget(cfg, model, tokenizer)
-    plan = SimpleNamespace(model=model, calibration=batches, layers=None, tokenizer=tokenizer)
+    plan = SimpleNamespace(
+        model=model, calibration=batches, layers=None, tokenizer=tokenizer, source=None
+    )
     return run_budget(cfg, plan, None)[0]
 
 

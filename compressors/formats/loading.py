@@ -110,11 +110,19 @@ def _tie(model: torch.nn.Module, layers: dict) -> set[str]:
 
 def _materialize_buffers(model: torch.nn.Module, device) -> None:
     """Buffers the checkpoint does not hold (rotary frequencies) are still on the meta device:
-    allocate them and let the model's own initialisation compute them, as transformers does."""
+    allocate them and let the model's own initialisation compute them, as transformers does.
+    The module's loaded parameters are put back afterwards: a module that holds both (Gemma's
+    scaled embedding: its weight and a non-persistent ``embed_scale``) would otherwise be
+    re-initialised at random."""
     for module in model.modules():
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            loaded = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
             module.to_empty(device=device, recurse=False)
             model._init_weights(module)
+            with torch.no_grad():
+                for n, p in module.named_parameters(recurse=False):
+                    if not loaded[n].is_meta:
+                        p.copy_(loaded[n])
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise IntegrityError(f"artifact: {meta[:5]} were not in the artifact; write it again")

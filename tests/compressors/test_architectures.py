@@ -119,7 +119,7 @@ def test_compress_save_load(model_type, recipe, tmp_path):
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     arch = architecture_of(model)
     assert set(records) == {n for n in linears if n.startswith(arch.blocks)}
-    save_compressed(model, records, tmp_path / "art")
+    save_compressed(model, records, tmp_path / "art", dtype=torch.float32)  # exact reload
     loaded = presso.load_compressed(tmp_path / "art")
     ids = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
@@ -263,6 +263,6 @@ def test_the_readmes_description_of_another_architecture_works(tmp_path):
     with torch.no_grad():
         assert torch.allclose(folded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
     records = compress_model(model, RECIPES["awq+gptq"], calibration(), architecture=arch)
-    save_compressed(model, records, tmp_path / "art")
+    save_compressed(model, records, tmp_path / "art", dtype=torch.float32)  # exact reload
     with torch.no_grad():
         assert torch.equal(presso.load_compressed(tmp_path / "art")(ids).logits, model(ids).logits)
