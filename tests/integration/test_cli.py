@@ -109,7 +109,7 @@ def test_failed_pipeline_leaves_every_run_failed_with_the_error(mlflow_server, t
     error = error_line(proc.stderr)
     assert error.startswith("presso: error: train: the workers failed after 0 restart(s)"), error
     assert "train.resume_from" in error  # the cause (ActorDiedError, a failed health check) varies
-    assert "presso: kept: training checkpoints under" in proc.stderr
+    assert "presso: kept: train checkpoints under" in proc.stderr
     left = {p.name for p in (out / "cli-fäil-模型").iterdir()}
     assert "ray_train" in left and not {"compressed", ".compressed.unverified"} & left
 
