@@ -5,10 +5,8 @@ holding exactly what the run logged — no metric lost, none doubled, the model 
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,24 +14,18 @@ from mlflow.tracking import MlflowClient
 from presso.orchestrator.model_registry import CANDIDATE, CHAMPION, PPL_TAG
 from presso.orchestrator.spool import Spool, find_spools
 
+from . import common
+
 pytestmark = pytest.mark.integration
 
-PRESSO = str(Path(sys.executable).parent / "presso")
+PRESSO = common.PRESSO
 NAME = "outage-test"
 STEPS, EVAL_EVERY = 150, 50  # the worker logs every 10 steps: ~140 steps left after the stop
 TINY = [
+    *common.TINY,
     f"train.steps={STEPS}",
     f"train.eval_every={EVAL_EVERY}",
     f"train.checkpoint_every={STEPS}",
-    "train.batch_size=2",
-    "train.seq_len=32",
-    "train.eval_batches=1",
-    "model.scratch.hidden_size=64",
-    "model.scratch.num_layers=1",
-    "model.scratch.intermediate_size=128",
-    "compress.recipe=[{rtn: {bits: 4, group_size: 32}}]",
-    "eval.seq_len=64",
-    "eval.max_tokens=2048",
     f"run.name={NAME}",
 ]
 
