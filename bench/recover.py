@@ -65,9 +65,10 @@ def main() -> None:
 
     from presso import load_compressed
     from presso.compressors.formats.artifact import WEIGHTS, save_compressed
+    from presso.orchestrator.cluster import ensure_ray
     from presso.orchestrator.compress import run_compression
     from presso.orchestrator.config import load_config
-    from presso.orchestrator.pipeline import ensure_ray, preflight, quiet_environment
+    from presso.orchestrator.pipeline import preflight, quiet_environment
     from presso.orchestrator.recover import run_recovery
 
     quiet_environment()

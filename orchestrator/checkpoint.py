@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from presso import IntegrityError
+from presso import ConfigError, IntegrityError
 from presso.compressors.formats.integrity import verify_manifest, write_manifest
+from presso.orchestrator import storage
 
 FINAL_MODEL = "model"  # the trained model as a Hugging Face folder, in rank 0's final checkpoint
 
@@ -63,18 +64,24 @@ def restore(root: Path, engine, rank: int, world: int) -> int:
 
 
 def resolve_resume(
-    root: Path, world: int, model: torch.nn.Module | None = None, key: str = "train.resume_from"
-) -> tuple[Path, list[str]]:
+    root: str | Path,
+    world: int,
+    model: torch.nn.Module | None = None,
+    key: str = "train.resume_from",
+    steps: int | None = None,
+) -> tuple[str, list[str]]:
     """The checkpoint ``key`` (train.resume_from, recover.resume_from) names: ``root`` itself, or
     the newest complete, verified checkpoint under it (a run's ``ray_train`` folder, or one run's
-    folder in it).
+    folder in it). ``root`` is a folder or a ``run.storage`` URI (``s3://…``).
 
     Damaged checkpoints (a missing rank, a file that fails its checksum) are skipped for the one
     before them, and named in the returned notes; one written by another number of workers or
-    holding another ``model`` is refused, because an older one would be no better. Runs before
-    the stage starts, so a bad checkpoint costs a second, not a Ray start.
+    holding another ``model`` is refused, because an older one would be no better, and so is one
+    already at or past ``steps`` (the stage would have nothing to do). Runs before the stage
+    starts, so a bad checkpoint costs a second, not a Ray start.
     """
-    if not root.is_dir():
+    root = str(root)
+    if not storage.is_dir(root):
         raise IntegrityError(f"{key} {root}: no such checkpoint folder")
     candidates = _checkpoints_under(root)
     if not candidates:
@@ -83,13 +90,21 @@ def resolve_resume(
         )
     skipped = []
     for folder in candidates:
-        try:
-            for r in range(world):
-                verify_manifest(rank_folder(folder, r), what="checkpoint")
-        except IntegrityError as e:
-            skipped.append(str(e))
-            continue
-        _check_same_run(folder, model, world)
+        with storage.local_copy(folder) as local:
+            try:
+                for r in range(world):
+                    verify_manifest(rank_folder(local, r), what="checkpoint")
+            except IntegrityError as e:
+                skipped.append(str(e).replace(str(local), folder))
+                continue
+            _check_same_run(local, model, world, name=folder)
+            step = torch.load(rank_folder(local, 0) / "train.pt", weights_only=True)["step"]
+        if steps is not None and step >= steps:
+            stage = key.split(".")[0]
+            raise ConfigError(
+                f"{stage}.steps={steps}: the checkpoint {key} names is at step {step} already "
+                f"({folder}); set {stage}.steps above {step} to train on from it"
+            )
         return folder, skipped
     raise IntegrityError(
         f"{key} {root}: no complete checkpoint"
@@ -98,18 +113,19 @@ def resolve_resume(
     )
 
 
-def _checkpoints_under(root: Path) -> list[Path]:
+def _checkpoints_under(root: str) -> list[str]:
     """``root`` if it is a checkpoint, else Ray Train's ``checkpoint_<time>`` folders one or two
     levels below it, newest first (their names sort by time)."""
-    if rank_folder(root, 0).exists() or rank_folder(root, 1).exists():
+    if any(storage.is_dir(f"{root}/rank{r}") for r in (0, 1)):
         return [root]
-    found = [*root.glob("checkpoint_*"), *root.glob("*/checkpoint_*")]
-    return sorted((p for p in found if p.is_dir()), key=lambda p: p.name, reverse=True)
+    found = storage.subfolders(root, "checkpoint_", depth=2)
+    return sorted(found, key=lambda p: p.rsplit("/", 1)[-1], reverse=True)
 
 
-def _check_same_run(root: Path, model: torch.nn.Module | None, world: int) -> None:
+def _check_same_run(root: Path, model: torch.nn.Module | None, world: int, name: str) -> None:
+    """``root`` is the local copy of the checkpoint ``name`` (a folder or a URI)."""
     if rank_folder(root, world).exists():
-        raise IntegrityError(f"checkpoint {root} was written by more than {world} workers")
+        raise IntegrityError(f"checkpoint {name} was written by more than {world} workers")
     engine_file = rank_folder(root, 0) / "engine.pt"
     if model is not None and engine_file.is_file():  # DDP; DeepSpeed checks its own on load
         saved = torch.load(engine_file, weights_only=True, mmap=True)["model"]
@@ -118,7 +134,7 @@ def _check_same_run(root: Path, model: torch.nn.Module | None, world: int) -> No
         if got.keys() != expected.keys() or any(got[k] != expected[k] for k in expected):
             mismatched = sorted(k for k in expected if got.get(k) != expected[k])[:3]
             raise IntegrityError(
-                f"checkpoint {root} holds a different model (e.g. {mismatched}); resume it with "
+                f"checkpoint {name} holds a different model (e.g. {mismatched}); resume it with "
                 "the model config it was trained with"
             )
 

@@ -103,8 +103,9 @@ def local_ray_ports(dashboard_port: int, metrics_export_port: int) -> dict[str, 
     }
 
 
-def check_shared(folder: Path) -> None:
-    """On a cluster of more than one node, refuse a run.output_dir that some node does not see.
+def check_shared(folder: Path, key: str = "run.output_dir") -> None:
+    """On a cluster of more than one node, refuse a run folder (under ``key``: run.storage, or
+    run.output_dir when that is where checkpoints go) that some node does not see.
 
     Ray Train's workers write checkpoints there and the driver reads the trained model back; a
     node-local folder (the default, relative ``presso_runs``, or a path no other node mounts)
@@ -138,10 +139,10 @@ def check_shared(folder: Path) -> None:
     blind = [n for n, seen in zip(nodes, found) if not seen]
     if blind:
         raise ClusterError(
-            f"run.output_dir {folder.parent}: {len(blind)} of the cluster's {len(nodes)} nodes do "
+            f"{key} {folder.parent}: {len(blind)} of the cluster's {len(nodes)} nodes do "
             f"not see it (node {blind[0][:12]}...): training workers and the driver on different "
-            "nodes must share their files; point run.output_dir at a folder every node mounts "
-            "at the same path (NFS, CephFS, EFS, ...)"
+            "nodes must share their files; set run.storage to a folder every node mounts at the "
+            "same path (NFS, CephFS, EFS, ...) or to a URI such as s3://bucket/runs"
         )
 
 

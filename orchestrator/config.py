@@ -27,6 +27,9 @@ class RunConfig:
     name: str = "presso"  # MLflow experiment name and the prefix of output folders
     seed: int = 0  # seeds model init, data order and stochastic compressors
     output_dir: str = "presso_runs"  # trained models, checkpoints and artifacts go under here
+    # Where checkpoints and the finished run are kept, if not output_dir (then the driver's
+    # scratch): a folder every node mounts, or a pyarrow.fs URI (s3://bucket/prefix, gs://...)
+    storage: str = ""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from presso import ConfigError
+from presso.orchestrator import storage
 from presso.orchestrator.config import PressoConfig, model_architecture, recipe_algorithms
 
 STAGES = ("train", "compress", "recover", "eval")
@@ -119,7 +120,8 @@ class Preflight:
     """Everything checked and loaded before a run starts or writes anything."""
 
     stages: tuple[str, ...]
-    out: Path
+    out: Path  # the run's folder under run.output_dir: the driver's working copy
+    storage: str  # where checkpoints and the finished run are kept: out itself, or run.storage's
     source: Path | None  # pretrained model folder; None for a scratch model
     tokenizer: object
     vocab_size: int
@@ -142,6 +144,16 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     from presso.orchestrator.compress import calibration_batches, plan_layers
 
     check_stages(cfg, stages)
+    kept = storage.run_folder(cfg.run.storage, cfg.run.output_dir, cfg.run.name)
+    if cfg.run.storage:
+        try:
+            storage.check_writable(kept)
+        except Exception as e:  # pyarrow raises OSError, ValueError, ArrowInvalid, ...
+            raise ConfigError(
+                f"run.storage {cfg.run.storage}: cannot write there ({str(e).splitlines()[0]}); "
+                "give a folder every node mounts or a reachable URI (an S3-compatible server "
+                "needs AWS_ENDPOINT_URL and credentials in the environment)"
+            ) from None
     recipe = None
     if "compress" in stages:
         budgeted = cfg.compress.budget is not None
@@ -167,11 +179,16 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
         section = getattr(cfg, stage)
         if stage in stages and section.resume_from:
             chosen, skipped = checkpoint.resolve_resume(
-                Path(section.resume_from), section.workers, resumed_model, f"{stage}.resume_from"
+                section.resume_from,
+                section.workers,
+                resumed_model,
+                f"{stage}.resume_from",
+                section.steps,
             )
             for note in skipped:
                 print(f"presso: skipping a damaged checkpoint: {note}", file=sys.stderr)
-            section.resume_from = str(chosen)  # what the run resumes from, as logged
+            section.resume_from = chosen  # what the run resumes from, as logged
+            print(f"presso: {stage} resumes from {chosen}", flush=True)
     layers = calibration = None
     if recipe is not None:
         layers = plan_layers(model, recipe, cfg.compress.ignore, model_architecture(cfg))
@@ -186,6 +203,7 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     return Preflight(
         stages,
         out,
+        kept,
         source,
         tokenizer,
         vocab_size,
@@ -219,10 +237,13 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
     )
     ensure_ray(cfg)
     check_resources(cfg, plan.stages)
-    check_shared(plan.out)
+    if not storage.is_uri(plan.storage):
+        check_shared(Path(plan.storage), "run.storage" if cfg.run.storage else "run.output_dir")
     tracking = Tracking(cfg)
     parent = tracking.start()
     summary: dict = {"run_id": parent.run_id, "tracking_uri": tracking.uri}
+    if plan.storage != str(plan.out):
+        summary["storage"] = plan.storage
     error = None
     try:
         if "train" in plan.stages:
@@ -238,9 +259,25 @@ def run_pipeline(cfg: PressoConfig, stages: tuple[str, ...] = STAGES) -> dict:
         raise
     finally:
         _close_tracking(tracking, summary, error)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        _store(plan, summary, error)
     return summary
+
+
+def _store(plan: Preflight, summary: dict, error: BaseException | None) -> None:
+    """Write the summary, and copy the run's folder to run.storage when that is elsewhere
+    (after a failure too: the spool and an evaluated artifact are worth keeping). A failure to
+    copy after a failure is reported, never raised over the cause."""
+    try:
+        if error is None:
+            plan.out.mkdir(parents=True, exist_ok=True)
+            (plan.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if plan.storage != str(plan.out) and plan.out.is_dir():
+            storage.upload(plan.out, plan.storage)
+            print(f"presso: stored the run in {plan.storage}", flush=True)
+    except Exception as e:
+        if error is None:
+            raise
+        print(f"presso: could not store the run in {plan.storage}: {e}", file=sys.stderr)
 
 
 def _close_tracking(tracking, summary: dict, error: BaseException | None) -> None:
@@ -259,7 +296,7 @@ def _kept(plan: Preflight, summary: dict) -> str:
     """What a failed pipeline leaves behind, for the user to go on from."""
     kept = []
     for stage in ("train", "recover"):
-        if (folder := plan.out / f"ray_{stage}").is_dir():
+        if storage.is_dir(folder := f"{plan.storage}/ray_{stage}"):
             kept.append(
                 f"{stage} checkpoints under {folder} (continue from the newest with "
                 f"{stage}.resume_from={folder})"
@@ -289,7 +326,9 @@ def _train(cfg, plan: Preflight, tracking, summary) -> Path:
 
     run = tracking.stage("train")
     tick = time.perf_counter()
-    folder = run_training(cfg, plan.corpus, plan.vocab_size, plan.source, run, plan.out)
+    folder = run_training(
+        cfg, plan.corpus, plan.vocab_size, plan.source, run, plan.out, plan.storage
+    )
     plan.tokenizer.save_pretrained(folder)
     losses = run.history("train/loss")
     vals = run.history("val/loss")

@@ -158,7 +158,7 @@ def run_recovery(cfg: PressoConfig, plan, artifact: Path, logger, dest: Path) ->
         "logger": logger,
         "fault": _fault(),
     }
-    result = fit_on_workers(cfg, "recover", recover_worker, loop_config, plan.out / "ray_recover")
+    result = fit_on_workers(cfg, "recover", recover_worker, loop_config, plan.storage, plan.out)
     wall_s = time.perf_counter() - tick
     with result.checkpoint.as_directory() as d:
         student.load_state_dict(checkpoint.final_state(Path(d)))

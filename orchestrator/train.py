@@ -201,9 +201,16 @@ def train_worker(config: dict) -> None:
 
 
 def run_training(
-    cfg: PressoConfig, corpus, vocab_size: int, source: Path | None, logger, out: Path
+    cfg: PressoConfig,
+    corpus,
+    vocab_size: int,
+    source: Path | None,
+    logger,
+    out: Path,
+    storage: str | None = None,
 ) -> Path:
-    """Train on Ray Train; returns the folder of the trained model (a Hugging Face folder)."""
+    """Train on Ray Train, checkpointing under ``storage`` (default ``out``); returns the folder
+    of the trained model (a Hugging Face folder) under ``out``."""
     import ray
 
     loop_config = {
@@ -215,7 +222,7 @@ def run_training(
         "logger": logger,
         "fault": os.environ.get("PRESSO_INJECT_FAULT"),  # test hook: "RANK:STEP"
     }
-    result = fit_on_workers(cfg, "train", train_worker, loop_config, out / "ray_train")
+    result = fit_on_workers(cfg, "train", train_worker, loop_config, storage or str(out), out)
     dest = out / "trained"
     with result.checkpoint.as_directory() as d:
         shutil.rmtree(dest, ignore_errors=True)
@@ -223,10 +230,13 @@ def run_training(
     return dest
 
 
-def fit_on_workers(cfg: PressoConfig, stage: str, worker, loop_config: dict, storage: Path):
+def fit_on_workers(
+    cfg: PressoConfig, stage: str, worker, loop_config: dict, storage: str, out: Path
+):
     """Run ``worker`` on Ray Train workers as the ``stage`` section of ``cfg`` (train or recover:
-    workers, threads, GPU, restarts, resume) says; returns Ray Train's result. ``loop_config``
-    gains ``markers``, the run's storage folder (for the fault-injection test hook)."""
+    workers, threads, GPU, restarts, resume) says, checkpointing under
+    ``<storage>/ray_<stage>`` (a folder or a URI); returns Ray Train's result. ``loop_config``
+    gains ``markers``, a folder under the run's local ``out`` (for the fault-injection hook)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -237,7 +247,7 @@ def fit_on_workers(cfg: PressoConfig, stage: str, worker, loop_config: dict, sto
     name = f"{ascii_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         worker,
-        train_loop_config={**loop_config, "markers": str(storage / name)},
+        train_loop_config={**loop_config, "markers": str(out / f"ray_{stage}" / name)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.workers,
@@ -246,7 +256,7 @@ def fit_on_workers(cfg: PressoConfig, stage: str, worker, loop_config: dict, sto
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=f"{storage}/ray_{stage}",
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -255,11 +265,11 @@ def fit_on_workers(cfg: PressoConfig, stage: str, worker, loop_config: dict, sto
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _training_failure(e, stage, t.max_failures, storage / name) from None
+        raise _training_failure(e, stage, t.max_failures, f"{storage}/ray_{stage}") from None
 
 
 def _training_failure(
-    error: Exception, stage: str, max_failures: int, checkpoints: Path
+    error: Exception, stage: str, max_failures: int, checkpoints: str
 ) -> PressoError:
     """The user's own error if a worker raised one (a bad checkpoint, say), else a one-line
     account of the crash that says what was kept and how to go on."""
@@ -272,7 +282,7 @@ def _training_failure(
     if disk_full(cause):
         return StageError(
             f"{stage}: no space left on the device of {checkpoints} while writing a checkpoint; "
-            "free space there or set run.output_dir to a larger disk, then continue from the "
+            "free space there or set run.storage to a larger disk, then continue from the "
             f"newest complete checkpoint with {stage}.resume_from={checkpoints}"
         )
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]

@@ -134,3 +134,51 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+class S3Server:
+    """moto's S3-compatible server (`moto_server`, from PyPI): a real HTTP S3 endpoint that
+    pyarrow, Ray Train and presso reach through AWS_ENDPOINT_URL, as they would MinIO or S3."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "presso-test",
+            "AWS_SECRET_ACCESS_KEY": "presso-test",
+            "AWS_REGION": "us-east-1",
+        }
+        log = open(root / "moto.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        wait_http(f"{self.endpoint}/moto-api/", timeout=60)
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name``; returns its URI."""
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process talks to the test's S3 server (and the Ray workers it starts inherit it)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

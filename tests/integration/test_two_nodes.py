@@ -2,14 +2,18 @@
 `ray start --address`, each with one CPU of its own, its own ports and its own session, stopped
 by PID (never `ray stop`, which would stop every Ray here).
 
-With one CPU per node, placement is forced: a test-held actor that takes one node's CPU sends
-the training worker to the other node, and the two compression actors of a pool take one node
-each. The resumed run trains on the head from the checkpoint the second node wrote, then
-compresses on both; the folders they share are run.output_dir, which presso checks every node
-sees before it starts (on one machine it is shared by construction; on a real cluster it is an
-NFS mount or the like, as in k8s/).
+With one CPU per node, placement is forced: a driver that holds one node's CPU with an actor
+sends the training worker to the other node, and the two compression actors of a pool take one
+node each. The runs keep their files in run.storage, an S3 bucket on a real S3-compatible server
+(moto's), and each run works in a local run.output_dir of its own: the resumed run trains on the
+head from the checkpoint the second node wrote to the bucket, then compresses on both nodes, and
+its finished folder lands in the bucket.
+
+Everything that talks to the cluster runs in a process of its own, as a user's would: a test
+process that has started local Rays before cannot join a token-auth cluster in-process.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -25,10 +29,7 @@ import requests
 from .test_cli import TINY
 from .test_submit import PORT_FLAGS, free_ports
 
-# Out of the default run for now: in the full suite, after other tests have started local Rays in
-# this process, its in-process join of the token-auth cluster fails ("Failed to connect"); run it
-# alone with `-m slow`. Moving the join into a subprocess of its own would let CI run it.
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +58,12 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(s3_server):
     token = os.urandom(32).hex()
     temp = Path(tempfile.mkdtemp(prefix="presso-2n-"))  # short: unix socket paths under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    env.update(s3_server.env)  # every node reaches the bucket, as pods would from a Secret
     head_ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     node_ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS))))
     gcs = f"127.0.0.1:{head_ports['--port']}"
@@ -83,10 +85,20 @@ def two_nodes():
             Node(["--address", gcs, *(str(x) for item in node_ports.items() for x in item)],
                  env, temp / "node.log")
         )  # fmt: skip
-        yield {"gcs": gcs, "token": token, "env": env, "nodes": nodes}
+        env = {**env, "RAY_ADDRESS": gcs}
+        deadline = time.monotonic() + 120
+        while len(ids := _in_cluster(_NODES, env)) < 2:
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+        head_port = head_ports["--node-manager-port"]
+        yield {
+            "env": env, "head": ids[str(head_port)],
+            "other": next(v for k, v in ids.items() if k != str(head_port)),
+        }  # fmt: skip
     finally:
         for node in reversed(nodes):
             node.stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _answers(dashboard: str, token: str) -> bool:
@@ -96,77 +108,111 @@ def _answers(dashboard: str, token: str) -> bool:
         return False
 
 
+# Scripts run by a fresh interpreter joined to the cluster (RAY_ADDRESS and the token in its env).
+_NODES = """
+import json, ray
+ray.init(logging_level="ERROR")
+print(json.dumps({n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}))
+"""
+_ACTORS = """
+import json, os, sys
+from ray.util.state import list_actors
+found = list_actors(address=os.environ["RAY_ADDRESS"], limit=1000, detail=True)
+print(json.dumps({a.actor_id: a.node_id for a in found if a.class_name.split(".")[-1] == sys.argv[1]}))
+"""
+_HOLD = """
+import sys, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(logging_level="ERROR")
+@ray.remote(num_cpus=1)
+class Blocker:
+    def ready(self):
+        return True
+blocker = Blocker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(sys.argv[1], soft=False)).remote()
+ray.get(blocker.ready.remote(), timeout=60)
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+
+def _in_cluster(script: str, env: dict, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _actors(cls: str, env: dict, known: dict | None = None) -> dict:
+    """{actor id: node id} of the ``cls`` actors the cluster has had, less those ``known``; the
+    state API can take a moment to list the actors of a job that just ended."""
+    deadline = time.monotonic() + 30
+    while not (found := {a: n for a, n in _in_cluster(_ACTORS, env, cls).items() if a not in (known or {})}):  # fmt: skip
+        assert time.monotonic() < deadline, f"no {cls} actor listed"
+        time.sleep(2)
+    return found
+
+
+class Hold:
+    """A driver whose actor takes one node's only CPU until release() ends the driver."""
+
+    def __init__(self, node_id: str, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLD, node_id], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "held", "the blocker did not start"
+
+    def release(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        time.sleep(2)  # the GCS reaps a dead driver's actors and frees their CPU
+
+
 def test_pipeline_spreads_over_two_nodes_and_resumes_across_them(
-    two_nodes, mlflow_server, tmp_path, monkeypatch
+    two_nodes, mlflow_server, s3_env, tmp_path
 ):
-    import ray
-    from ray._raylet import Config
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from ray.util.state import list_actors
+    """Ray Train workers, compression actors and the drivers on different nodes share nothing
+    but run.storage: a checkpoint one node wrote is resumed on the other."""
+    import pyarrow.fs
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", two_nodes["token"])
-    Config.initialize("")  # Ray read its config when first imported: make it see token mode
-    ray.init(address=two_nodes["gcs"], logging_level="WARNING")
-    try:
-        deadline = time.monotonic() + 120
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            assert time.monotonic() < deadline, "the second node did not join"
-            time.sleep(1)
-        head_id = ray.get_runtime_context().get_node_id()  # the driver here runs on the head
-        (other_id,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head_id]
+    s3_server = s3_env
 
-        @ray.remote(num_cpus=1)
-        class Blocker:
-            def ready(self):
-                return True
+    env = {**two_nodes["env"], "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    head_id, other_id = two_nodes["head"], two_nodes["other"]
+    bucket = s3_server.bucket("presso-runs")
+    common = [*TINY, "train.workers=1", f"run.storage={bucket}/team", "run.name=two-nodes"]
 
-        def hold(node_id):
-            blocker = Blocker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()  # fmt: skip
-            ray.get(blocker.ready.remote(), timeout=60)
-            return blocker
+    def presso(command, *overrides, output_dir):
+        cmd = [str(BIN / "presso"), command, "jobs/quickstart.yaml", *common, *overrides, f"run.output_dir={output_dir}"]  # fmt: skip
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-        def actors(cls):
-            return {a.actor_id: a.node_id for a in list_actors(address=two_nodes["gcs"], filters=[("class_name", "=", cls)], limit=1000, detail=True)}  # fmt: skip
+    # 1. train on the second node (the head's CPU is held); checkpoints go to the bucket
+    hold = Hold(head_id, env)
+    out, err = presso("train", output_dir=tmp_path / "a").communicate(timeout=300)  # fmt: skip
+    hold.release()
+    assert "stored the run in s3://presso-runs/team/two-nodes" in out, err[-3000:]
+    trained_first = _actors("RayTrainWorker", env)
+    assert set(trained_first.values()) == {other_id}
 
-        env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"], "MLFLOW_TRACKING_URI": mlflow_server.uri}  # fmt: skip
-        common = [*TINY, "train.workers=1", f"run.output_dir={tmp_path}", "run.name=two-nodes"]
+    # 2. in another local folder, resume on the head from the bucket (the second node's CPU is
+    # held until the trained model is there), then compress on both nodes
+    hold = Hold(other_id, env)
+    resumed = presso(
+        "run", "train.steps=6", "compress.workers=2",
+        f"train.resume_from={bucket}/team/two-nodes/ray_train", output_dir=tmp_path / "b",
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "b" / "two-nodes" / "trained").is_dir() and resumed.poll() is None:
+        assert time.monotonic() < deadline, "the resumed training did not finish"
+        time.sleep(0.5)
+    hold.release()
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "train resumes from s3://presso-runs/team/two-nodes/ray_train/two-nodes-" in out
+    assert set(_actors("RayTrainWorker", env, trained_first).values()) == {head_id}
+    assert "registered: two-nodes-compressed" in out
+    assert set(_actors("PoolWorker", env).values()) == {head_id, other_id}
 
-        # 1. train on the second node: the head's CPU is held
-        blocker = hold(head_id)
-        first = subprocess.run([str(BIN / "presso"), "train", "jobs/quickstart.yaml", *common], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert first.returncode == 0, first.stderr[-3000:]
-        ray.kill(blocker)
-        trained_first = actors("RayTrainWorker")
-        assert set(trained_first.values()) == {other_id}
-        folders = (tmp_path / "two-nodes" / "ray_train").glob("*/checkpoint_*")
-        checkpoint = max(f for f in folders if f.is_dir())  # the last one, at step 4
-
-        # 2. resume on the head from that checkpoint (the second node's CPU is held until the
-        # trained model is there), then compress on both nodes
-        trained = tmp_path / "two-nodes" / "trained"
-        shutil.rmtree(trained)  # the first run's: its reappearance says the second trained
-        blocker = hold(other_id)
-        resumed = subprocess.Popen(
-            [str(BIN / "presso"), "run", "jobs/quickstart.yaml", *common, "train.steps=6",
-             f"train.resume_from={checkpoint}", "compress.workers=2"],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while not trained.is_dir() and resumed.poll() is None:
-            assert time.monotonic() < deadline, "the resumed training did not finish"
-            time.sleep(0.5)
-        ray.kill(blocker)
-        out, err = resumed.communicate(timeout=300)
-        assert resumed.returncode == 0, err[-3000:]
-        trained_again = {
-            a: n for a, n in actors("RayTrainWorker").items() if a not in trained_first
-        }
-        assert set(trained_again.values()) == {head_id}
-        assert "registered: two-nodes-compressed" in out
-        assert set(actors("PoolWorker").values()) == {head_id, other_id}
-    finally:
-        ray.shutdown()
+    # the finished run is in the bucket
+    fs, root = pyarrow.fs.FileSystem.from_uri(f"{bucket}/team/two-nodes")
+    stored = {i.path[len(root) + 1 :] for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))}  # fmt: skip
+    assert {"summary.json", "compressed/model.safetensors", "trained/config.json"} <= stored
 
     from mlflow.tracking import MlflowClient
 
