@@ -125,8 +125,19 @@ def main() -> None:
         _print(dense, out_rows)
         RESULTS.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps some
         settings = {k: getattr(args, k) for k in ("steps", "lr", "calib_samples", "eval_tokens")}
-        payload = {"settings": settings, "fp32": dense, "rows": out_rows}
+        payload = {"settings": settings, "fp32": dense, "rows": _merged(settings, out_rows)}
         (RESULTS / "recover.json").write_text(json.dumps(payload, indent=1))
+
+
+def _merged(settings: dict, rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows of an earlier run with the same settings that this one did not
+    repeat (``--rows`` runs a few at a time; each row is a separate measurement anyway)."""
+    path = RESULTS / "recover.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier.get("settings") != settings:
+        return rows
+    ran = {r["row"] for r in rows}
+    return [r for r in earlier["rows"] if r["row"] not in ran] + rows
 
 
 def _print(dense: dict, rows: list[dict]) -> None:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from presso import IntegrityError
 from presso.compressors.recovery import export_records, kd_loss, make_recoverable
@@ -30,41 +28,28 @@ from presso.orchestrator.config import PressoConfig, to_dict
 from presso.orchestrator.data import train_batch
 from presso.orchestrator.engine import DDPEngine
 from presso.orchestrator.train import (
-    MetricsBuffer,
     _mean_across_ranks,
-    _quiet_ray_train_reports,
     _val_loss,
     fit_on_workers,
     lr_at,
     replicas_identical,
+    report_checkpoint,
+    resume,
+    start_worker,
 )
 
 
 def recover_worker(config: dict) -> None:
     """The loop each Ray Train worker runs."""
     import ray
-    import ray.train
-    import ray.train.torch
 
-    _quiet_ray_train_reports()
-    cfg: PressoConfig = OmegaConf.to_object(OmegaConf.merge(PressoConfig, config["cfg"]))
-    r = cfg.recover
-    torch.set_num_threads(r.threads_per_worker)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    train_tokens, val_tokens = ray.get(config["train"]), ray.get(config["val"])
+    w = start_worker(config, "recover")
+    cfg, r, rank, world, device, log = w.cfg, w.cfg.recover, w.rank, w.world, w.device, w.log
+    train_tokens, val_tokens = w.train_tokens, w.val_tokens
     teacher = ray.get(config["teacher"]).to(device).eval()
     student = ray.get(config["student"]).to(device).train()
-    log = MetricsBuffer(config["logger"] if rank == 0 else None)
     engine = DDPEngine(student, r, device)
-    start = 0
-    saved = ray.train.get_checkpoint()  # this run's after a restart, else recover.resume_from
-    if saved is None and r.resume_from:
-        saved = ray.train.Checkpoint(r.resume_from)
-    if saved is not None:
-        with saved.as_directory() as d:
-            start = checkpoint.restore(Path(d), engine, rank, world)
+    start = resume(engine, w, r.resume_from)
     if start and rank == 0:
         print(f"presso: recover resumed from the checkpoint at step {start}", flush=True)
     if start == 0:  # the student's val loss before any step: where the recovery starts from
@@ -103,11 +88,7 @@ def recover_worker(config: dict) -> None:
             metrics["recover/replicas_identical"] = float(replicas_identical(student))
         log.add(metrics, done, flush=evaluate)
         if done % r.checkpoint_every == 0 or done == r.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save(Path(tmp), engine, done, rank, world, final=False)
-                ray.train.report(
-                    {"step": done, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-                )
+            report_checkpoint(engine, w, done, metrics, final=False)
 
 
 def _dense_skeleton(teacher: torch.nn.Module, student: torch.nn.Module, records: dict):

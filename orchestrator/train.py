@@ -19,6 +19,7 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,34 +128,73 @@ def _quiet_ray_train_reports() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
-def train_worker(config: dict) -> None:
-    """The loop each Ray Train worker runs."""
+@dataclass
+class Worker:
+    """What a Ray Train worker of the train or recover stage starts from."""
+
+    cfg: PressoConfig
+    rank: int
+    world: int
+    device: torch.device
+    train_tokens: torch.Tensor
+    val_tokens: torch.Tensor
+    log: MetricsBuffer  # rank 0 logs to the stage's MLflow run; the others log nothing
+
+
+def start_worker(config: dict, stage: str) -> Worker:
+    """Join the stage's worker group: quiet Ray Train's report logging, take the config, the
+    thread count, this worker's rank and device and the token splits (from the object store)."""
     import ray
     import ray.train
     import ray.train.torch
 
     _quiet_ray_train_reports()
-
     cfg: PressoConfig = OmegaConf.to_object(OmegaConf.merge(PressoConfig, config["cfg"]))
-    t = cfg.train
-    torch.set_num_threads(t.threads_per_worker)
+    torch.set_num_threads(getattr(cfg, stage).threads_per_worker)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    train_tokens, val_tokens = ray.get(config["train"]), ray.get(config["val"])
-    log = MetricsBuffer(config["logger"] if rank == 0 else None)
+    rank = ctx.get_world_rank()
+    return Worker(
+        cfg, rank, ctx.get_world_size(), ray.train.torch.get_device(),
+        ray.get(config["train"]), ray.get(config["val"]),
+        MetricsBuffer(config["logger"] if rank == 0 else None),
+    )  # fmt: skip
 
+
+def resume(engine, w: Worker, resume_from: str | None) -> int:
+    """Restore Ray Train's own checkpoint after a restart, else ``resume_from`` (Ray Train 2
+    refuses the trainer's resume_from_checkpoint argument: it is deprecated there); returns the
+    step to go on from (0 when there is nothing to resume)."""
+    import ray.train
+
+    saved = ray.train.get_checkpoint()
+    if saved is None and resume_from:
+        saved = ray.train.Checkpoint(resume_from)
+    if saved is None:
+        return 0
+    with saved.as_directory() as d:
+        return checkpoint.restore(Path(d), engine, w.rank, w.world)
+
+
+def report_checkpoint(engine, w: Worker, step: int, metrics: dict, final: bool) -> None:
+    """Write this rank's part of the checkpoint at ``step`` and hand it to Ray Train, which
+    stores it under the stage's storage path."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(Path(tmp), engine, step, w.rank, w.world, final=final)
+        ray.train.report(
+            {"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+        )
+
+
+def train_worker(config: dict) -> None:
+    """The loop each Ray Train worker runs."""
+    w = start_worker(config, "train")
+    cfg, t, rank, world, device, log = w.cfg, w.cfg.train, w.rank, w.world, w.device, w.log
+    train_tokens, val_tokens = w.train_tokens, w.val_tokens
     model = _build_model(cfg, config["vocab_size"], config["source"]).to(device)
     engine = build_engine(model, t, device)
-    start = 0
-    # Ray Train's own checkpoint after a restart, else train.resume_from (Ray Train 2 refuses
-    # the trainer's resume_from_checkpoint argument: it is deprecated there)
-    saved = ray.train.get_checkpoint()
-    if saved is None and t.resume_from:
-        saved = ray.train.Checkpoint(t.resume_from)
-    if saved is not None:
-        with saved.as_directory() as d:
-            start = checkpoint.restore(Path(d), engine, rank, world)
+    start = resume(engine, w, t.resume_from)
     if start and rank == 0:
         print(f"presso: resumed from the checkpoint at step {start}", flush=True)
         log.add({"train/resumed_from_step": start}, start)
@@ -193,11 +233,7 @@ def train_worker(config: dict) -> None:
             log_comm_plots(log.logger, sorted(engine.choices()))
 
         if done % t.checkpoint_every == 0 or done == t.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save(Path(tmp), engine, done, rank, world, final=done == t.steps)
-                ray.train.report(
-                    {"step": done, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-                )
+            report_checkpoint(engine, w, done, metrics, final=done == t.steps)
 
 
 def run_training(
@@ -278,7 +314,16 @@ def _training_failure(
     for cause in causes:
         if isinstance(cause, PressoError):
             return cause
-    cause = causes[0] if causes else error
+    cause = causes[0] if causes else getattr(error, "controller_failure", None) or error
+    if "low on memory" in str(cause):  # Ray's memory monitor killed workers
+        lines = [line for line in str(cause).splitlines() if "Memory on the node" in line]
+        return StageError(
+            f"{stage}: the node ran out of memory and Ray killed the workers "
+            f"({lines[0].strip()[:160] if lines else type(cause).__name__}); run fewer "
+            f"{stage}.workers per node, stop what else uses its memory, or use a larger node; "
+            f"checkpoints so far are kept under {checkpoints}: continue from the newest with "
+            f"{stage}.resume_from={checkpoints}"
+        )
     if disk_full(cause):
         return StageError(
             f"{stage}: no space left on the device of {checkpoints} while writing a checkpoint; "
