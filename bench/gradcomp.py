@@ -25,13 +25,14 @@ Columns (``bench/results/gradcomp.json`` holds one object per row with exactly t
 * ``final_val_loss``: mean next-byte NLL on fixed held-out windows (Hamlet and the Sonnets) after
   the last step; ``loss_gap_pct`` is ``100 * (loss - dense loss) / dense loss``.
 * ``wall_s``: the whole train stage of the row, worker start-up and checkpoint included.
-* ``step_s_1gbps`` / ``step_s_10gbps``: a modelled step time on a real network,
-  ``compute + 2 (N - 1) / N * bytes_per_step / bandwidth`` with N = 2 workers (a ring
-  all-reduce moves ``2 (N - 1) / N`` times its payload through each worker's link; for N = 2 a
-  ring all-gather of a ``p``-byte payload also moves ``p``, so the formula covers the top-k and
-  quantization exchanges too). ``compute`` is the median measured step time over the compressed
-  phase on this machine: forward, backward with the hook's encode/decode, optimizer; its gloo
-  exchange runs over loopback and so adds almost no wire time.
+* ``step_s_1gbps`` / ``step_s_10gbps`` (N = 2 workers) and ``step_s_1gbps_n8`` (N = 8): a
+  modelled step time on a real network, ``compute + wire bytes / bandwidth``, the wire bytes of
+  one worker by ring algorithms (``presso.compressors.gradient.accounting.wire_bytes``): an
+  all-reduce moves ``2 (N - 1) / N`` times its payload through each worker's link, an all-gather
+  ``N - 1`` times the worker's part, so the top-k and quantization exchanges (all-gathers) lose
+  ground as N grows. ``compute`` is the median measured step time over the compressed phase on
+  this machine: forward, backward with the hook's encode/decode, optimizer; its gloo exchange
+  runs over loopback and so adds almost no wire time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import sys
 import time
 
 from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
+
+from presso.compressors.gradient.accounting import wire_bytes
 
 WORKERS = 2
 FULL = dict(steps=300, warmup=20, adjust=50, measure=3, eval_every=100, eval_batches=16)
@@ -108,7 +111,18 @@ def measure(run: TrainRun, method: str, family: str, warmup: int, dense_loss: fl
         dense = {b for _, b in run.series("comm/dense_bytes")}
         assert dense == {run.dense_bytes}, f"{method}: hook's dense count {dense} != model bytes"
     loss = run.final("val/loss")
-    wire = 2 * (WORKERS - 1) / WORKERS * sent
+    if method == "dense":
+        gathered = broadcast = 0.0
+    else:
+        gathered, broadcast = (
+            mean([b for s, b in run.series(f"comm/bytes_{kind}") if s in compressed])
+            for kind in ("all_gather", "broadcast")
+        )
+
+    def step_s(workers: int, gbps: float) -> float:
+        wire = wire_bytes(sent - gathered - broadcast, gathered, broadcast, workers)
+        return round(compute + wire / (gbps * 1e9 / 8), 4)
+
     return {
         "method": method,
         "family": family,
@@ -117,8 +131,9 @@ def measure(run: TrainRun, method: str, family: str, warmup: int, dense_loss: fl
         "final_val_loss": round(loss, 4),
         "loss_gap_pct": round(100 * (loss - dense_loss) / dense_loss, 2),
         "wall_s": round(run.wall_s, 1),
-        "step_s_1gbps": round(compute + wire / (1e9 / 8), 4),
-        "step_s_10gbps": round(compute + wire / (10e9 / 8), 4),
+        "step_s_1gbps": step_s(WORKERS, 1),
+        "step_s_10gbps": step_s(WORKERS, 10),
+        "step_s_1gbps_n8": step_s(8, 1),
     }
 
 
@@ -132,6 +147,7 @@ COLUMNS = [  # (field, header, width, format)
     ("wall_s", "wall s", 7, "{:.0f}"),
     ("step_s_1gbps", "s@1Gb/s", 9, "{:.3f}"),
     ("step_s_10gbps", "s@10Gb/s", 9, "{:.3f}"),
+    ("step_s_1gbps_n8", "N=8 1Gb/s", 10, "{:.3f}"),
 ]
 
 
@@ -201,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     log(
         f"bytes/step: per worker, mean over steps {s['warmup'] + 1}-{s['steps']} (the compressed "
         f"phase); the {s['warmup']} dense warm-up steps of the compressed rows are not counted.\n"
-        "s@1Gb/s, s@10Gb/s: median measured step time + ring all-reduce time of bytes/step.\n"
+        "s@1Gb/s, s@10Gb/s (2 workers), N=8 1Gb/s: median measured step time + the ring\n"
+        "collectives' wire time for bytes/step (all-gathers grow with N - 1).\n"
         f"load average during the rows: {min(loads_seen):.1f}-{max(loads_seen):.1f} "
         f"(now {load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )

@@ -30,6 +30,8 @@ KEYS = (
     "train/peak_rss_mb",
     "train/replicas_identical",
     "comm/bytes_sent",
+    "comm/bytes_all_gather",
+    "comm/bytes_broadcast",
     "comm/dense_bytes",
     "comm/dense_phase",
     "comm/refreshed_layers",

@@ -72,7 +72,7 @@ class Communicator:
         self.error: dict[str, torch.Tensor] = {}  # error-feedback buffers, flat fp32
         self.q: dict[str, torch.Tensor] = {}  # PowerSGD warm-start Q
         self._nonfinite: dict[str, torch.Tensor] = {}  # layer -> bool tensor, this step
-        self.stats = CommStats()
+        self.stats = CommStats(workers=self.world)
         self.step = 0  # finished optimizer steps
 
     def _choose_layers(self, params) -> None:
@@ -115,14 +115,14 @@ class Communicator:
         return t
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        self.stats.record(payload_bytes(t), 0)
+        self.stats.record(payload_bytes(t), 0, "all_gather")
         out = t.new_empty(self.world * t.numel())
         _all_gather_single(out, t, group=self.group)
         return out.view(self.world, -1)
 
     def _broadcast(self, t: torch.Tensor) -> None:
         if self.rank == 0:
-            self.stats.record(payload_bytes(t), 0)
+            self.stats.record(payload_bytes(t), 0, "broadcast")
         dist.broadcast(t, group_src=0, group=self.group)
 
     # ---- one bucket --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 
 from presso import UnsupportedError
@@ -42,7 +43,7 @@ class TorchPowerSGDCommunicator:
             start_powerSGD_iter=max(2, cfg.warmup_steps),
             random_seed=cfg.seed,
         )
-        self.stats = CommStats()
+        self.stats = CommStats(workers=dist.get_world_size(process_group))
         self.step = 0
         self.layout: dict[int, tuple[str, ...]] = {}  # bucket index -> names its state covers
         self.pieces: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> (error, Q)

@@ -46,7 +46,7 @@ class GaLoreCommunicator:
         self.names = names  # id(parameter) -> its name in the model, for choices()
         self.process_group = process_group
         self.broadcast_projectors = broadcast_projectors
-        self.stats = CommStats()
+        self.stats = CommStats(workers=dist.get_world_size(process_group))
         self._low_rank = {
             id(p) for p, g in optimizer.params_with_groups() if optimizer.is_low_rank(p, g)
         }
@@ -60,7 +60,7 @@ class GaLoreCommunicator:
 
     def _broadcast(self, matrix: torch.Tensor) -> None:
         if dist.get_rank(self.process_group) == 0:
-            self.stats.record(payload_bytes(matrix), 0)
+            self.stats.record(payload_bytes(matrix), 0, "broadcast")
         dist.broadcast(matrix, group_src=0, group=self.process_group)
 
     def communicate(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
