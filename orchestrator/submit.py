@@ -254,10 +254,7 @@ def submit(
     runtime = runtime_env(working_dir, pip, job_env)
     command = entrypoint(cluster_job_path(job, working_dir), list(overrides))
     client = _client(address)
-    try:
-        submission_id = client.submit_job(entrypoint=command, runtime_env=runtime)
-    except RuntimeError as e:  # the Jobs API answered with an error, e.g. a bad runtime env
-        raise PressoError(f"the Ray cluster at {address} refused the job: {e}") from None
+    submission_id = _submit(client, address, command, runtime)
     print(submission_id, flush=True)
     if not follow:
         print(
@@ -276,3 +273,20 @@ def submit(
         return 130
     print(f"presso: job {submission_id} {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
+
+
+# A head that has just started answers before its job agent has registered; Ray says to retry.
+AGENT_STARTING = "No available agent to submit job"
+
+
+def _submit(client, address: str, command: str, runtime: dict, wait_s: float = 60) -> str:
+    """Submit, retrying for up to ``wait_s`` while the head's job agent is still starting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=runtime)
+        except RuntimeError as e:  # the Jobs API answered with an error, e.g. a bad runtime env
+            if AGENT_STARTING in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise PressoError(f"the Ray cluster at {address} refused the job: {e}") from None

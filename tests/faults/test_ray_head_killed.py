@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from ..integration.test_submit import RayHead, _client_env
+from ..integration.test_submit import _client_env
+from ..ray_nodes import RayNode
 from .common import PRESSO, REPO, TINY, error_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -18,7 +19,7 @@ LOST_AFTER = 10
 
 
 def test_head_killed_under_a_followed_job(mlflow_server, tmp_path):
-    head = RayHead()
+    head = RayNode(cpus=2)
     try:
         head.wait_ready()
         args = [*TINY, "train.steps=100000", "run.name=head-killed", f"run.output_dir={tmp_path}"]

@@ -1,105 +1,29 @@
 """`presso submit` against a real Ray head started with `ray start --head`, as a user would.
 
-The head runs with token authentication (Ray's default for `ray start --head`), its own temp dir
-and its own ports, in its own session: the test stops only that head, never `ray stop`, which
-would stop every Ray on the machine.
+The head (``tests/ray_nodes.py``) runs with token authentication (Ray's default for
+`ray start --head`), its own temp dir and its own ports, in its own session: the test stops only
+that head, never `ray stop`, which would stop every Ray on the machine.
 """
 
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
+from ..ray_nodes import RayNode
 from .test_cli import TINY
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-PORT_FLAGS = (
-    "--port",
-    "--dashboard-port",
-    "--ray-client-server-port",
-    "--node-manager-port",
-    "--object-manager-port",
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--metrics-export-port",
-    "--runtime-env-agent-port",
-)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all sockets held open until every port is chosen)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-class RayHead:
-    def __init__(self) -> None:
-        self.token = secrets.token_hex(32)
-        # Short path: Ray puts unix sockets under it, and their paths are limited to 107 bytes.
-        self.temp = tempfile.mkdtemp(prefix="presso-head-")
-        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-        self.address = f"http://127.0.0.1:{ports['--dashboard-port']}"
-        self.gcs = f"127.0.0.1:{ports['--port']}"  # what RAY_ADDRESS names to join it
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
-        env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # jobs run `presso` from the head's PATH
-        env.pop("RAY_ADDRESS", None)
-        self.log = Path(self.temp) / "head.log"
-        self.proc = subprocess.Popen(
-            [
-                str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-                "--temp-dir", self.temp, "--disable-usage-stats",
-                *(str(x) for item in ports.items() for x in item),
-            ],
-            env=env, cwd=self.temp, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {self.token}"}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.address}/api/version", headers=headers, timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"the Ray dashboard at {self.address} did not answer in {timeout}s")
-
-    def stop(self) -> None:
-        """SIGTERM to `ray start --block` drains and stops its processes; SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """Started, not yet ready: it comes up while the MLflow server does."""
-    head = RayHead()
+    head = RayNode(cpus=2)
     yield head
     head.stop()
 

@@ -15,110 +15,58 @@ process that has started local Rays before cannot join a token-auth cluster in-p
 
 import json
 import os
-import shutil
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import requests
 
+from ..ray_nodes import RayNode, cluster_env
 from .test_cli import TINY
-from .test_submit import PORT_FLAGS, free_ports
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
-# A node that joins has no GCS, dashboard or client server of its own.
-NODE_PORT_FLAGS = [f for f in PORT_FLAGS if f not in ("--port", "--dashboard-port", "--ray-client-server-port")]  # fmt: skip
-
-
-class Node:
-    """`ray start --block`: SIGTERM to it stops the node's processes."""
-
-    def __init__(self, args: list[str], env: dict, log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *args],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def two_nodes(s3_server):
-    token = os.urandom(32).hex()
-    temp = Path(tempfile.mkdtemp(prefix="presso-2n-"))  # short: unix socket paths under it
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}{os.pathsep}{env['PATH']}")
-    env.update(s3_server.env)  # every node reaches the bucket, as pods would from a Secret
-    head_ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    node_ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS))))
-    gcs = f"127.0.0.1:{head_ports['--port']}"
-    dashboard = f"http://127.0.0.1:{head_ports['--dashboard-port']}"
-    head = Node(
-        ["--head", "--temp-dir", str(temp), "--dashboard-host", "127.0.0.1",
-         "--include-dashboard", "true",
-         *(str(x) for item in head_ports.items() for x in item)],
-        env, temp / "head.log",
-    )  # fmt: skip
+    """A head and a joined node, one CPU each; every node reaches the bucket, as pods would
+    with the credentials from a Secret."""
+    token = secrets.token_hex(32)
+    env = cluster_env(token, **s3_server.env)
+    head = RayNode(cpus=1, token=token, env=env)
     nodes = [head]
     try:
-        deadline = time.monotonic() + 120
-        while not _answers(dashboard, token):
-            assert head.proc.poll() is None, head.log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the head did not come up"
-            time.sleep(1)
-        nodes.append(
-            Node(["--address", gcs, *(str(x) for item in node_ports.items() for x in item)],
-                 env, temp / "node.log")
-        )  # fmt: skip
-        env = {**env, "RAY_ADDRESS": gcs}
+        head.wait_ready()
+        nodes.append(RayNode(cpus=1, token=token, join=head.gcs, env=env))
+        env = {**env, "RAY_ADDRESS": head.gcs}
         deadline = time.monotonic() + 120
         while len(ids := _in_cluster(_NODES, env)) < 2:
             assert time.monotonic() < deadline, "the second node did not join"
             time.sleep(1)
-        head_port = head_ports["--node-manager-port"]
-        yield {
-            "env": env, "head": ids[str(head_port)],
-            "other": next(v for k, v in ids.items() if k != str(head_port)),
-        }  # fmt: skip
+        head_id = ids.pop(str(head.node_manager_port))
+        yield {"env": env, "head": head_id, "other": ids.popitem()[1]}
     finally:
         for node in reversed(nodes):
             node.stop()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _answers(dashboard: str, token: str) -> bool:
-    try:
-        return requests.get(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).ok  # fmt: skip
-    except requests.RequestException:
-        return False
 
 
 # Scripts run by a fresh interpreter joined to the cluster (RAY_ADDRESS and the token in its env).
 _NODES = """
 import json, ray
 ray.init(logging_level="ERROR")
-print(json.dumps({n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}))
+print("RESULT", json.dumps({n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}))
 """
 _ACTORS = """
 import json, os, sys
 from ray.util.state import list_actors
 found = list_actors(address=os.environ["RAY_ADDRESS"], limit=1000, detail=True)
-print(json.dumps({a.actor_id: a.node_id for a in found if a.class_name.split(".")[-1] == sys.argv[1]}))
+print("RESULT", json.dumps({a.actor_id: a.node_id for a in found if a.class_name.split(".")[-1] == sys.argv[1]}))
 """
 _HOLD = """
 import sys, time, ray
@@ -136,9 +84,11 @@ time.sleep(3600)
 
 
 def _in_cluster(script: str, env: dict, *args: str) -> dict:
+    """Run ``script`` in a fresh interpreter joined to the cluster; its ``RESULT`` line's JSON."""
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")] or [proc.stdout[-2000:]]  # fmt: skip
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def _actors(cls: str, env: dict, known: dict | None = None) -> dict:
