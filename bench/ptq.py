@@ -2,20 +2,24 @@
 other and llm-compressor, with 1 and 2 compression workers.
 
     python bench/ptq.py [--quick] [--calib-samples N] [--eval-tokens N] [--no-peers]
-    python bench/ptq.py --model gemma3-270m     # Gemma-3-270M: fp32 and GPTQ W4 g64 only
+    python bench/ptq.py --model gemma3-270m     # Gemma-3-270M: fp32 and GPTQ W4 g64
+    python bench/ptq.py --rows "gptq W3,llmc gptq W3"   # some rows; the others are kept
+    python bench/ptq.py --rows "gptq W4,llmc gptq W4" --seeds 3   # each on 3 calibration draws
 
 Every row starts from the same fp32 model (SmolLM2-135M-Instruct dequantized from its GGUF
 Q4_1 source, so it already sits on a 4-bit grid per 32 columns: other grids stack a second
 rounding), the same calibration windows (``--calib-samples`` windows of 512 tokens drawn from
 the Shakespeare train split with seed 0) and the same evaluation (perplexity over the first
-``--eval-tokens`` tokens of the test split, Macbeth and The Tempest, in windows of 512).
+``--eval-tokens`` tokens of the test split, Macbeth and The Tempest, in windows of 512, and over
+as many tokens of a second text domain no setting was chosen on: the software licence texts in
+``/usr/share/common-licenses``, legal English, the ``lic`` columns).
 SmolLM2's width 576 is not a multiple of 128, so the grouped rows use groups of 64 (576 = 9 × 64).
 ``lm_head`` (tied to the embedding) stays dense in every row.
 
 Presso rows run the real compress stage (``run_compression``: a Ray actor pool, data-parallel
-calibration, layer-parallel solves) once with 1 worker and once with 2, check that both give
-the same records, save the artifact and measure perplexity on the artifact *reloaded* from
-disk. Wall seconds cover the whole stage: actor start, calibration, solves.
+calibration, layer-parallel solves) once with 1 worker and once with 2 (with ``--seeds``: 2
+only), check that both give the same records, save the artifact and measure perplexity on the
+artifact *reloaded* from disk. Wall seconds cover the whole stage: actor start, calibration, solves.
 
 Peer rows (llm-compressor's ``oneshot``: GPTQModifier W4/W3 g64 symmetric with its default
 static act-order, SparseGPTModifier and WandaPruningModifier at 50 %, with
@@ -26,12 +30,20 @@ the same model folder, calibration windows and evaluation when ``llmcompressor``
 threads (both cores) in one process; its wall seconds are in ``wall_s_2w``.
 
 ``--model gemma3-270m`` measures Gemma-3-270M (Q4_K_M GGUF dequantized to fp32; width 640, so
-g64 fits it too) the same way, fp32 and GPTQ W4 g64 only, every window led by BOS as Gemma needs,
-into ``ptq_gemma3-270m.json``.
+g64 fits it too) the same way, by default fp32 and GPTQ W4 g64, every window led by BOS as Gemma
+needs. ``--rows`` runs only the named rows (labels as in the table: ``gptq W4``, ``llmc gptq W3``,
+``sparsegpt 2:4``) and keeps the model's other rows from an earlier run with the same settings.
 
-Writes ``bench/results/ptq.json`` (``--quick``: ``ptq_quick.json``): ``rows`` with the fields
-``method, bits, group_size, sparsity, ppl, ppl_ratio, avg_bits, artifact_bytes, wall_s_1w,
-wall_s_2w``, plus the settings, the checks and the machine's load per row. Prints the table.
+``--seeds N`` runs every row on N calibration draws (seeds 0..N-1, the same draws for every row)
+and reports the mean perplexity and half the range (``±``): how far one draw can move a row, the
+noise floor a difference between two rows must clear. Such runs are kept apart from the
+one-draw table.
+
+Writes ``bench/results/ptq.json`` (``--quick``: ``ptq_quick.json``): per model (and seed count),
+``rows`` with the fields ``method, bits, group_size, sparsity, ppl, ppl_ratio, ppl_lic,
+ppl_lic_ratio, avg_bits, artifact_bytes, wall_s_1w, wall_s_2w`` (with ``--seeds``, also each
+perplexity's ``_seeds`` and ``_spread``), plus the settings, the checks and the machine's load
+per row; ``ptq.txt`` has one table per model.
 """
 
 from __future__ import annotations
@@ -46,9 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from harness import LICENSES, RESULTS, second_domain
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 SEQ_LEN = 512
 G = 64  # 576 = 9 × 64
 
@@ -154,12 +165,12 @@ def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
         ppl = evaluate(load_compressed(folder / "artifact"))
         if row.method == "gptq" and row.bits == 4:  # the artifact reproduces the model it saved
             checks["gptq W4: reloaded artifact ppl == in-memory ppl"] = ppl == evaluate(
-                result.model
+                result.model, domains=("test",)
             )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {
-        "ppl": ppl,
+        **ppl,
         "avg_bits": info.avg_bits,
         "artifact_bytes": info.artifact_bytes,
         "wall_s_1w": walls.get(1),
@@ -233,12 +244,62 @@ def peer_row(row, folder, calib, evaluate, linears) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         active_session().reset()
     return {
-        "ppl": ppl,
+        **ppl,
         "avg_bits": 8 * stored / weights,
         "artifact_bytes": size,
         "wall_s_1w": None,
         "wall_s_2w": wall,
     }
+
+
+def solver_agreement(model, calib, bits: int) -> dict:
+    """presso's GPTQ solve and llm-compressor's ``quantize_weight`` on the same weights and
+    Hessian (inputs of the dense model over the calibration windows) with the same settings
+    (symmetric min-max grid per 64 columns, static act-order, damp 0.01, blocks of 128): per
+    layer, each one's output error tr(ΔW H ΔWᵀ) and the share of equal codes. Separates the
+    solver from everything around it (calibration, block order, storage)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from presso.compressors.quant.gptq import gptq_quantize
+    from presso.compressors.quant.primitives import dequantize
+
+    last = model.config.num_hidden_layers - 1
+    layers = [(0, "self_attn.q_proj"), (last // 2, "self_attn.o_proj")]
+    layers += [(last // 2, "mlp.up_proj"), (last, "mlp.down_proj")]
+    names = [f"model.layers.{i}.{linear}" for i, linear in layers]
+    hessians, hooks = {}, []
+    for name in names:
+
+        def accumulate(module, inputs, output, name=name):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            hessians[name] = hessians.get(name, 0) + x.T @ x
+
+        hooks.append(model.get_submodule(name).register_forward_hook(accumulate))
+    with torch.no_grad():
+        for batch in calib:
+            model(batch)
+    for hook in hooks:
+        hook.remove()
+    args = QuantizationArgs(num_bits=bits, symmetric=True, group_size=G, actorder="static")
+    out = {}
+    for name in names:
+        w, h = model.get_submodule(name).weight.detach().float(), hessians[name].float()
+        q, scale, zero = gptq_quantize(w, h, bits, G, True, 0.01, True, 128)
+        ours = dequantize(q, scale, zero, G)
+        groups = w.reshape(w.shape[0], -1, G)
+        ct_scale = groups.abs().amax(-1) / ((2**bits - 1) / 2)  # compressed-tensors' min-max
+        zeros = torch.zeros_like(ct_scale, dtype=torch.int8)
+        theirs = quantize_weight(w[None].clone(), h[None].clone(), ct_scale[None], zeros[None],
+                                 None, args, 128, 0.01)[0][0]  # fmt: skip
+        codes = (theirs.reshape(groups.shape) / ct_scale.unsqueeze(-1)).round().reshape(w.shape)
+        out[name] = {"presso": output_error(ours - w, h), "llmc": output_error(theirs - w, h),
+                     "equal_codes": float((codes == q.float()).float().mean())}  # fmt: skip
+    return out
+
+
+def output_error(delta: torch.Tensor, h: torch.Tensor) -> float:
+    return float(torch.einsum("ij,jk,ik->", delta, h, delta))
 
 
 def main() -> None:
@@ -248,6 +309,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, help="test tokens (default 8192; quick 4096)")
     parser.add_argument("--no-peers", action="store_true", help="skip the llm-compressor rows")
     parser.add_argument("--model", choices=list(MODELS), default="smollm2")
+    parser.add_argument("--rows", help="comma-separated row labels; the model's others are kept")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="calibration draws per row (seeds 0..N-1; default 1)"
+    )
     args = parser.parse_args()
     samples = args.calib_samples or (4 if args.quick else 16)
     eval_tokens = args.eval_tokens or (4096 if args.quick else 8192)
@@ -269,12 +334,23 @@ def main() -> None:
     works = data.load_works(None)
     splits = data.split_works(works, ["hamlet", "sonnets"], ["macbeth", "tempest"])
     corpus = data.build_corpus(works, splits, tokenizer)
-    calib = calibration_batches(corpus.train, samples, SEQ_LEN, 4, seed=0, bos=corpus.bos)
+    calibs = [
+        calibration_batches(corpus.train, samples, SEQ_LEN, 4, seed=seed, bos=corpus.bos)
+        for seed in range(args.seeds)
+    ]
 
-    def evaluate(m) -> float:
-        return perplexity(
-            m, corpus.test, SEQ_LEN, eval_tokens, eval_batch, bos=corpus.bos
-        ).perplexity
+    texts = {"test": corpus.test}
+    if (other := second_domain(tokenizer)) is not None:
+        texts["lic"] = other
+
+    def evaluate(m, domains=tuple(texts)) -> dict:
+        """``{"ppl": test ppl, "ppl_lic": second domain's}`` (the ones in ``domains``)."""
+        return {
+            "ppl" if name == "test" else f"ppl_{name}": perplexity(
+                m, texts[name], SEQ_LEN, eval_tokens, eval_batch, bos=corpus.bos
+            ).perplexity
+            for name in domains
+        }
 
     linears = {
         n: m.weight.numel()
@@ -283,8 +359,9 @@ def main() -> None:
     }
     dense = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     base = evaluate(model)
-    fp32 = {"method": "fp32", "bits": 32, "group_size": None, "sparsity": 0.0, "ppl": base}
-    fp32.update(ppl_ratio=1.0, avg_bits=32.0, artifact_bytes=dense, wall_s_1w=None, wall_s_2w=None)
+    fp32 = {"method": "fp32", "bits": 32, "group_size": None, "sparsity": 0.0, **base}
+    fp32.update(avg_bits=32.0, artifact_bytes=dense, wall_s_1w=None, wall_s_2w=None)
+    fp32.update(ratios(base, base))
     rows, checks, loads, notes = [fp32], {}, {}, []
     print(table([fp32]), flush=True)
 
@@ -293,21 +370,39 @@ def main() -> None:
     peers = [] if args.no_peers else [r for r in PEERS if r.quick or not args.quick]
     if args.model != "smollm2":
         selected, peers = [r for r in ROWS if r.method == "gptq" and r.bits == 4], []
+    if args.rows:
+        wanted = {name.strip() for name in args.rows.split(",")}
+        known = {label(r) for r in [*ROWS, *PEERS]}
+        if wanted - known:
+            parser.error(f"--rows: unknown {sorted(wanted - known)}; the rows are {sorted(known)}")
+        selected = [r for r in ROWS if label(r) in wanted]
+        peers = [r for r in PEERS if label(r) in wanted and not args.no_peers]
     if peers:
         try:
             import llmcompressor  # noqa: F401
         except ImportError as e:
             notes.append(f"llm-compressor rows skipped: {e} (pip install presso[peers])")
             peers = []
+    agreement = {}
+    for bits in sorted({r.bits for r in peers if r.peer == "gptq"}):
+        agreement[f"W{bits}"] = layers = solver_agreement(model, calibs[0], bits)
+        worst = max(abs(v["presso"] / v["llmc"] - 1) for v in layers.values())
+        checks[f"gptq W{bits}: solver output error within 2 % of llm-compressor's "
+               f"on the same layer and Hessian (worst {worst:.2%})"] = worst <= 0.02  # fmt: skip
+        print(json.dumps({f"solver W{bits}": layers}), flush=True)
     for row in [*peers, *selected]:  # peers first: a broken peer install shows in minutes
-        before = load()
-        if row.peer:
-            values = peer_row(row, folder, calib, evaluate, linears)
-        else:
-            both = not args.quick or row.method in QUICK_BOTH
-            values = presso_row(row, model, calib, evaluate, [1, 2] if both else [2], checks)
+        before, per_seed = load(), []
+        for calib in calibs:
+            if row.peer:
+                per_seed.append(peer_row(row, folder, calib, evaluate, linears))
+            else:  # 1 and 2 workers (and their check) in a one-draw run: its subject is speed
+                both = args.seeds == 1 and (not args.quick or row.method in QUICK_BOTH)
+                workers = [1, 2] if both else [2]
+                per_seed.append(presso_row(row, model, calib, evaluate, workers, checks))
+        values = {**per_seed[0], **over_seeds(per_seed)}
         out = {"method": row.method, "bits": row.bits, "group_size": row.group_size}
-        out.update(sparsity=row.sparsity, ppl=values["ppl"], ppl_ratio=values["ppl"] / base)
+        out.update(sparsity=row.sparsity, **ratios(values, base))
+        out.update({k: v for k, v in values.items() if k.endswith(("_spread", "_seeds"))})
         out.update({k: values[k] for k in ("avg_bits", "artifact_bytes", "wall_s_1w", "wall_s_2w")})
         rows.append(out)
         loads[label(row)] = [round(before, 2), round(load(), 2)]
@@ -316,26 +411,106 @@ def main() -> None:
 
     settings = {
         "model": description,
-        "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards",
+        "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards"
+        if args.seeds == 1
+        else f"{samples} x {SEQ_LEN} tokens, train split, each row once per seed 0..{args.seeds - 1}"
+        " (ppl: their mean; ±: half their range), batches of 4, 8 shards",
         "eval": f"first {eval_tokens} test tokens (macbeth, tempest) in windows of {SEQ_LEN}",
+        "second_domain": f"first {eval_tokens} tokens of {LICENSES}/* (the lic columns)"
+        if "lic" in texts
+        else None,
         "bos_led_windows": corpus.bos is not None,
         "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
         "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
         "cores": os.cpu_count(),
     }
     name = "ptq_quick" if args.quick else "ptq"
-    if args.model != "smollm2":
-        name += f"_{args.model}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"rows": rows, "checks": checks, "load_1min": loads, "notes": notes}
-    (RESULTS / f"{name}.json").write_text(json.dumps({"settings": settings, **report}, indent=1))
-    lines = [table(rows), ""]
-    lines += [f"{'ok ' if ok else 'FAILED'} {key}" for key, ok in checks.items()]
-    lines += [f"note: {note}" for note in notes]
-    lines.append(f"settings: {json.dumps(settings)}")
-    (RESULTS / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    runs = earlier_runs(RESULTS / f"{name}.json")
+    report = {"settings": settings, "rows": rows, "checks": checks, "load_1min": loads}
+    if agreement:
+        report["solver_agreement"] = agreement
+    key = args.model if args.seeds == 1 else f"{args.model}, {args.seeds} calibration seeds"
+    runs[key] = merged(runs.get(key), {**report, "notes": notes})
+    (RESULTS / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1))
+    text = "\n\n".join(report_text(model, run) for model, run in runs.items())
+    (RESULTS / f"{name}.txt").write_text(text + "\n")
+    print("\n" + text)
     print(f"wrote {RESULTS / name}.json and .txt")
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+    """Each perplexity's mean over the calibration draws, its values and half their range."""
+    out = {}
+    for key in (k for k in per_seed[0] if k.startswith("ppl")):
+        values = [v[key] for v in per_seed]
+        spread = (max(values) - min(values)) / 2 if len(values) > 1 else None
+        out.update(
+            {key: sum(values) / len(values), f"{key}_seeds": values, f"{key}_spread": spread}
+        )
+    return out
+
+
+def ratios(ppl: dict, base: dict) -> dict:
+    """The perplexities in ``ppl`` (its ``ppl*`` keys) and their ratios to fp32's."""
+    out = {}
+    for key, value in ppl.items():
+        if not key.startswith("ppl") or key.endswith(("_spread", "_seeds")):
+            continue
+        out.update({key: value, f"{key}_ratio": value / base[key] if key in base else None})
+    return out
+
+
+def earlier_runs(path: Path) -> dict:
+    """``{model: run}`` of an earlier results file (one of the single-model layout is SmolLM2's)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    return earlier["runs"] if "runs" in earlier else {"smollm2": earlier}
+
+
+SAME_RUN = ("model", "calibration", "eval")  # settings that make rows of two runs comparable
+
+
+def merged(earlier: dict | None, run: dict) -> dict:
+    """``run`` plus the rows of an earlier run of the same model and settings that it did not
+    repeat (``--rows``); each row is its own measurement, on the same inputs."""
+    if not earlier or any(earlier["settings"].get(k) != run["settings"][k] for k in SAME_RUN):
+        return run
+    ran = {label_of(r) for r in run["rows"]}
+    order = [label_of(r) for r in earlier["rows"]]
+    rows = [r for r in earlier["rows"] if label_of(r) not in ran] + run["rows"]
+    rows.sort(key=lambda r: order.index(label_of(r)) if label_of(r) in order else len(order))
+    notes = [*earlier.get("notes", []), *run["notes"]]
+    return {
+        "settings": run["settings"],
+        "rows": rows,
+        "checks": {**earlier.get("checks", {}), **run["checks"]},
+        "load_1min": {**earlier.get("load_1min", {}), **run["load_1min"]},
+        "solver_agreement": {
+            **earlier.get("solver_agreement", {}),
+            **run.get("solver_agreement", {}),
+        },
+        "notes": list(dict.fromkeys(notes)),
+    }
+
+
+def label_of(row: dict) -> str:
+    return f"{row['method']} W{row['bits']}" if row["bits"] and row["bits"] < 32 else row["method"]
+
+
+def report_text(model: str, run: dict) -> str:
+    lines = [f"{model}: {run['settings']['model']}", table(run["rows"]), ""]
+    lines += [f"{'ok ' if ok else 'FAILED'} {key}" for key, ok in run["checks"].items()]
+    for bits, layers in run.get("solver_agreement", {}).items():
+        for name, v in layers.items():
+            lines.append(
+                f"solver {bits} {name}: output error presso {v['presso']:.4g}, llm-compressor "
+                f"{v['llmc']:.4g}; equal codes {v['equal_codes']:.1%}"
+            )
+    lines += [f"note: {note}" for note in run.get("notes", [])]
+    lines.append(f"settings: {json.dumps(run['settings'])}")
+    return "\n".join(lines)
 
 
 COLUMNS = [  # field, header, width, format of a value
@@ -344,7 +519,11 @@ COLUMNS = [  # field, header, width, format of a value
     ("group_size", "group", 5, "{}"),
     ("sparsity", "sparsity", 8, "{:.2f}"),
     ("ppl", "ppl", 8, "{:.3f}"),
+    ("ppl_spread", "±", 6, "{:.2f}"),
     ("ppl_ratio", "ratio", 6, "{:.3f}"),
+    ("ppl_lic", "ppl lic", 8, "{:.3f}"),
+    ("ppl_lic_spread", "±", 6, "{:.2f}"),
+    ("ppl_lic_ratio", "ratio", 6, "{:.3f}"),
     ("avg_bits", "avg bits", 8, "{:.3f}"),
     ("artifact_bytes", "MB", 7, "{:.1f}"),
     ("wall_s_1w", "s 1w", 7, "{:.1f}"),
@@ -354,13 +533,13 @@ COLUMNS = [  # field, header, width, format of a value
 
 def table(rows: list[dict], header: bool = True) -> str:
     def cell(key, fmt, value):
-        if value is None:
+        if value is None:  # not applicable, or not measured in the run that made the row
             return "—"
         return fmt.format(value / 1e6 if key == "artifact_bytes" else value)
 
     lines = ["  ".join(head.rjust(width) for _, head, width, _ in COLUMNS)] if header else []
     for row in rows:
-        lines.append("  ".join(cell(k, f, row[k]).rjust(w) for k, _, w, f in COLUMNS))
+        lines.append("  ".join(cell(k, f, row.get(k)).rjust(w) for k, _, w, f in COLUMNS))
     return "\n".join(lines)
 
 

@@ -25,23 +25,14 @@ import time
 from pathlib import Path
 
 import torch
+from harness import RESULTS, ROOT, second_domain
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-LICENSES = Path("/usr/share/common-licenses")
 ROWS = {
     "gptq-w3": [{"gptq": {"bits": 3, "group_size": 64, "act_order": True}}],
     "spqr-w3": [{"spqr": {"bits": 3, "group_size": 16}}],
     "sparsegpt-2:4": [{"sparsegpt": {"pattern": "2:4"}}],
     "sparsegpt-2:4+w4": [{"sparsegpt": {"pattern": "2:4", "bits": 4, "group_size": 64}}],
 }
-
-
-def second_domain(tokenizer) -> torch.Tensor | None:
-    if not LICENSES.is_dir():
-        return None
-    text = "\n\n".join(p.read_text(errors="replace") for p in sorted(LICENSES.iterdir()))
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 
 def ppls(model, texts: dict, e) -> dict:
