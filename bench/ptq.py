@@ -383,6 +383,36 @@ def main() -> None:
         except ImportError as e:
             notes.append(f"llm-compressor rows skipped: {e} (pip install presso[peers])")
             peers = []
+    settings = {
+        "model": description,
+        "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards"
+        if args.seeds == 1
+        else f"{samples} x {SEQ_LEN} tokens, train split, each row once per seed 0..{args.seeds - 1}"
+        " (ppl: their mean; ±: half their range), batches of 4, 8 shards",
+        "eval": f"first {eval_tokens} test tokens (macbeth, tempest) in windows of {SEQ_LEN}",
+        "second_domain": f"first {eval_tokens} tokens of {LICENSES}/* (the lic columns)"
+        if "lic" in texts
+        else None,
+        "bos_led_windows": corpus.bos is not None,
+        "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
+        "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
+        "cores": os.cpu_count(),
+    }
+    name = "ptq_quick" if args.quick else "ptq"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_runs(RESULTS / f"{name}.json")
+    key = args.model if args.seeds == 1 else f"{args.model}, {args.seeds} calibration seeds"
+
+    def save() -> str:
+        """Write the results so far (after every row: a run cut short keeps what it measured)."""
+        report = {"settings": settings, "rows": rows, "checks": checks, "load_1min": loads}
+        report.update(solver_agreement=agreement, notes=notes)
+        runs = {**earlier, key: merged(earlier.get(key), report)}
+        (RESULTS / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1))
+        text = "\n\n".join(report_text(label, run) for label, run in runs.items())
+        (RESULTS / f"{name}.txt").write_text(text + "\n")
+        return text
+
     agreement = {}
     for bits in sorted({r.bits for r in peers if r.peer == "gptq"}):
         agreement[f"W{bits}"] = layers = solver_agreement(model, calibs[0], bits)
@@ -407,35 +437,10 @@ def main() -> None:
         rows.append(out)
         loads[label(row)] = [round(before, 2), round(load(), 2)]
         print(table([out], header=False), flush=True)
+        save()
     ray.shutdown()
 
-    settings = {
-        "model": description,
-        "calibration": f"{samples} x {SEQ_LEN} tokens, train split, seed 0, batches of 4, 8 shards"
-        if args.seeds == 1
-        else f"{samples} x {SEQ_LEN} tokens, train split, each row once per seed 0..{args.seeds - 1}"
-        " (ppl: their mean; ±: half their range), batches of 4, 8 shards",
-        "eval": f"first {eval_tokens} test tokens (macbeth, tempest) in windows of {SEQ_LEN}",
-        "second_domain": f"first {eval_tokens} tokens of {LICENSES}/* (the lic columns)"
-        if "lic" in texts
-        else None,
-        "bos_led_windows": corpus.bos is not None,
-        "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
-        "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
-        "cores": os.cpu_count(),
-    }
-    name = "ptq_quick" if args.quick else "ptq"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = earlier_runs(RESULTS / f"{name}.json")
-    report = {"settings": settings, "rows": rows, "checks": checks, "load_1min": loads}
-    if agreement:
-        report["solver_agreement"] = agreement
-    key = args.model if args.seeds == 1 else f"{args.model}, {args.seeds} calibration seeds"
-    runs[key] = merged(runs.get(key), {**report, "notes": notes})
-    (RESULTS / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1))
-    text = "\n\n".join(report_text(model, run) for model, run in runs.items())
-    (RESULTS / f"{name}.txt").write_text(text + "\n")
-    print("\n" + text)
+    print("\n" + save())
     print(f"wrote {RESULTS / name}.json and .txt")
 
 
@@ -487,10 +492,7 @@ def merged(earlier: dict | None, run: dict) -> dict:
         "rows": rows,
         "checks": {**earlier.get("checks", {}), **run["checks"]},
         "load_1min": {**earlier.get("load_1min", {}), **run["load_1min"]},
-        "solver_agreement": {
-            **earlier.get("solver_agreement", {}),
-            **run.get("solver_agreement", {}),
-        },
+        "solver_agreement": {**earlier.get("solver_agreement", {}), **run["solver_agreement"]},
         "notes": list(dict.fromkeys(notes)),
     }
 
