@@ -128,8 +128,10 @@ def _models() -> dict:
 MODELS = _models()
 
 
-def label(row: Row) -> str:
-    return f"{row.method} W{row.bits}" if row.bits else row.method
+def label(row: Row | dict) -> str:
+    """The row's name in the table and in ``--rows``: ``gptq W4``, ``sparsegpt 2:4``, ``fp32``."""
+    method, bits = (row["method"], row["bits"]) if isinstance(row, dict) else (row.method, row.bits)
+    return f"{method} W{bits}" if bits and bits < 32 else method
 
 
 def load() -> float:
@@ -482,10 +484,10 @@ def merged(earlier: dict | None, run: dict) -> dict:
     repeat (``--rows``); each row is its own measurement, on the same inputs."""
     if not earlier or any(earlier["settings"].get(k) != run["settings"][k] for k in SAME_RUN):
         return run
-    ran = {label_of(r) for r in run["rows"]}
-    order = [label_of(r) for r in earlier["rows"]]
-    rows = [r for r in earlier["rows"] if label_of(r) not in ran] + run["rows"]
-    rows.sort(key=lambda r: order.index(label_of(r)) if label_of(r) in order else len(order))
+    ran = {label(r) for r in run["rows"]}
+    order = [label(r) for r in earlier["rows"]]
+    rows = [r for r in earlier["rows"] if label(r) not in ran] + run["rows"]
+    rows.sort(key=lambda r: order.index(label(r)) if label(r) in order else len(order))
     notes = [*earlier.get("notes", []), *run["notes"]]
     return {
         "settings": run["settings"],
@@ -495,10 +497,6 @@ def merged(earlier: dict | None, run: dict) -> dict:
         "solver_agreement": {**earlier.get("solver_agreement", {}), **run["solver_agreement"]},
         "notes": list(dict.fromkeys(notes)),
     }
-
-
-def label_of(row: dict) -> str:
-    return f"{row['method']} W{row['bits']}" if row["bits"] and row["bits"] < 32 else row["method"]
 
 
 def report_text(model: str, run: dict) -> str:
