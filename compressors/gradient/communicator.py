@@ -190,16 +190,21 @@ class Communicator:
         return means, shares
 
     def _q(self, name: str, device) -> torch.Tensor:
-        rank = int(self.choice[name])
-        old = self.q.get(name)
-        if old is None or old.shape[1] != rank:
-            # Shared seed: every worker starts from the same Q; keep the warm columns on a rank change.
-            fresh = self.family.initial_q(self.shapes[name], rank, self._seed(name, -1)).to(device)
-            if old is not None:
-                keep = min(rank, old.shape[1])
-                fresh[:, :keep] = old[:, :keep]
-            self.q[name] = fresh
+        self.q[name] = self._start_q(name, int(self.choice[name]), device)
         return self.q[name]
+
+    def _start_q(self, name: str, rank: int, device) -> torch.Tensor:
+        """The ``Q`` layer ``name``'s next power step starts from at ``rank``: the warm one, its
+        first ``rank`` columns kept on a rank change and fresh ones added from the shared seed
+        (every worker starts from the same ``Q``)."""
+        old = self.q.get(name)
+        if old is not None and old.shape[1] == rank:
+            return old
+        fresh = self.family.initial_q(self.shapes[name], rank, self._seed(name, -1)).to(device)
+        if old is not None:
+            keep = min(rank, old.shape[1])
+            fresh[:, :keep] = old[:, :keep]
+        return fresh
 
     def _exchange_gathered(self, layers, inputs):
         """Means and own shares of the layers through one all-gather of all their payloads."""
@@ -220,6 +225,12 @@ class Communicator:
             means[n] = total / self.world
             offset += payload.numel()
         return means, shares
+
+    def _errors(self, name: str, grad: torch.Tensor, candidates: list) -> list[float]:
+        """Squared error of each candidate on ``grad`` as this communicator would run it."""
+        if isinstance(self.family, PowerSGD):
+            return self.family.errors(grad, candidates, lambda r: self._start_q(name, r, "cpu"))
+        return self.family.errors(grad, candidates)
 
     def _seed(self, name: str, step: int) -> int:
         """Independent stream per (seed, step, worker, layer); step -1 is the rank-shared init."""
@@ -250,7 +261,7 @@ class Communicator:
         self.step += 1
         if self.lgreco is not None and self.choice and self.lgreco.schedule.due(self.step):
             self.choice = self.lgreco.replan(
-                self.choice, self._sum, self._broadcast, self.rank, self.device
+                self.choice, self._errors, self._sum, self._broadcast, self.rank, self.device
             )
         metrics = self.stats.end_step()
         metrics["comm/dense_phase"] = float(dense_phase)

@@ -2,14 +2,15 @@
 
 Uniform compression spends bytes where gradients are easy to compress and starves layers where they
 are not. Every ``adjust_every`` steps L-GreCo measures, for each layer and candidate parameter, the
-squared error of compressing the layer's recent error-compensated gradient, then picks the plan with
+squared error of compressing the layer's recent error-compensated gradient as the compressor will
+run (PowerSGD: one power step from the warm-start ``Q`` in force), then picks the plan with
 the fewest bytes whose total error is at most ``alpha`` times that of the uniform reference
 (:mod:`presso.compressors.plan.knapsack`). Squared errors add across layers (they are pieces of one
 gradient vector's squared error), which is what makes the per-layer knapsack the right model.
 This module holds all of L-GreCo: the schedule, the measurement (the summed local inputs of each
 layer over the last ``measure_steps`` steps, finite ones only) and the re-plan (every worker's
 candidate errors summed, rank 0 solves, the plan broadcast). The communicator only exchanges: it
-hands this module its inputs while measuring and its collectives to re-plan with.
+hands this module its inputs while measuring, its candidate errors and its collectives to re-plan.
 """
 
 from __future__ import annotations
@@ -84,21 +85,23 @@ class LGreCo:
     def replan(
         self,
         choice: dict[str, float],
+        errors_of: Callable[[str, torch.Tensor, list], list[float]],
         all_reduce: Callable[[torch.Tensor], torch.Tensor],
         broadcast: Callable[[torch.Tensor], None],
         rank: int,
         device: torch.device,
     ) -> dict[str, float]:
         """Measure every candidate on the summed inputs, let rank 0 solve, broadcast the plan;
-        returns the new choice per layer. ``all_reduce`` and ``broadcast`` are the
-        communicator's byte-counting collectives."""
+        returns the new choice per layer. ``errors_of(name, grad, candidates)`` is the
+        communicator's squared error of each candidate as it would run on ``grad`` (warm state
+        included); ``all_reduce`` and ``broadcast`` are its byte-counting collectives."""
         layers = list(choice)
         width = max(len(self.candidates[n]) for n in layers)
         table = torch.zeros(len(layers), width + 1, dtype=torch.float64)  # last column: measured
         for i, n in enumerate(layers):
             if n in self.acc and self.acc[n].any():  # all zero: nothing measured, no information
                 grad = self.acc[n].view(self.shapes[n]).cpu()
-                errors = self.family.errors(grad, self.candidates[n])
+                errors = errors_of(n, grad, self.candidates[n])
                 table[i, : len(errors)] = torch.tensor(errors, dtype=torch.float64)
                 table[i, -1] = 1
         table = all_reduce(table.to(device)).cpu()  # every worker's errors, summed

@@ -36,17 +36,22 @@ class PowerSGD:
         rows, cols = matrix_shape(shape)
         return 4 * (rows + cols) * self.clamp(shape, rank)
 
-    def errors(self, grad: torch.Tensor, ranks: list[int]) -> list[float]:
-        """Squared error of the best rank-r approximation of ``grad`` for each rank: the tail of
-        its squared singular values. Warm-started PowerSGD converges towards this subspace, so it is
-        the error L-GreCo budgets for (one power step from scratch would overstate it)."""
+    def errors(
+        self, grad: torch.Tensor, ranks: list[int], start_q: Callable[[int], torch.Tensor]
+    ) -> list[float]:
+        """Squared error of the step PowerSGD would take on ``grad`` at each rank: one power
+        iteration from ``start_q(rank)``, the warm-start ``Q`` the communicator would use, and
+        what error feedback keeps is ``M - P̂ P̂ᵀ M``. The best rank-r error (the SVD tail)
+        understates this, most at low ranks where one step from a stale ``Q`` is far from it."""
         matrix = grad.reshape(matrix_shape(grad.shape)).double()
-        if not matrix.numel():
-            return [0.0] * len(ranks)
-        sq = torch.linalg.svdvals(matrix).square()
-        tail = sq.flip(0).cumsum(0).flip(0)  # tail[i] = sum of sq[i:]
-        tail = torch.cat([tail, tail.new_zeros(1)])
-        return [float(tail[min(r, len(sq))]) for r in ranks]
+        out = []
+        for rank in ranks:
+            if not matrix.numel() or rank == 0:
+                out.append(float(matrix.square().sum()))
+                continue
+            p = orthonormalize(matrix @ start_q(rank).to(matrix))
+            out.append(float((matrix - p @ (p.T @ matrix)).square().sum()))
+        return out
 
     def initial_q(self, shape: torch.Size, rank: int, seed: int) -> torch.Tensor:
         """Gaussian ``[cols, rank]`` from ``seed`` on the CPU, so every rank draws the same one."""
