@@ -1,38 +1,43 @@
-"""Gradient compression side by side: dense DDP, torch's PowerSGD, Presso's PowerSGD and L-GreCo.
+"""Gradient compression frontiers: dense DDP, uniform settings of each family, torch's PowerSGD
+and L-GreCo, over several seeds.
 
-    python bench/gradcomp.py [--quick]
+    python bench/gradcomp.py [--quick] [--rows "uniform powersgd 8,lgreco powersgd 8"] [--seeds N]
 
 Every row trains the same from-scratch Llama (the quickstart's: hidden 256, 4 layers, byte
-tokens) on the same Shakespeare batches, with the same seed, learning-rate schedule and number of
-steps, on 2 Ray Train workers (DDP over gloo, one thread each). Only
-``train.grad_compression`` differs between rows. Settings chosen once for all rows:
+tokens) on the same Shakespeare batches, learning-rate schedule and number of steps, on 2 Ray
+Train workers (DDP over gloo, one thread each), once per seed (``run.seed``: model init, data
+order, stochastic rounding). Only ``train.grad_compression`` differs between rows:
 
-* compression starts after ``WARMUP`` dense steps (the learning-rate warm-up's length) in every
-  compressed row, torch's PowerSGD included (its ``start_powerSGD_iter``);
-* the uniform parameters and L-GreCo's references are the components' defaults, not tuned here:
-  PowerSGD rank 4, top-k density 0.01, 4 bits; L-GreCo draws from the default candidates
-  (ranks 1-32, densities 0.001-0.1, bits 2/3/4/8) with ``alpha = 1`` (no more total error than
-  the uniform reference, as in the paper), re-planning every ``ADJUST`` steps.
+* per family, uniform rows at three settings (PowerSGD ranks 4/8/16, top-k densities
+  0.01/0.03/0.1, 2/4/8 bits) draw the bytes-vs-loss frontier L-GreCo must beat; torch's own
+  PowerSGD hook at rank 8 is the peer;
+* L-GreCo (``alpha = 1``: no more total error than its uniform reference) at two references per
+  family, drawing from the default candidates (ranks 1-32, densities 0.001-0.1, bits 2/3/4/8),
+  re-planning every ``adjust`` steps from the errors of the compressors as they run;
+* compression starts after ``warmup`` dense steps (the learning-rate warm-up's length) in every
+  compressed row, torch's PowerSGD included (its ``start_powerSGD_iter``).
 
-Columns (``bench/results/gradcomp.json`` holds one object per row with exactly these fields,
-``gradcomp.txt`` the printed table; ``--quick`` writes ``gradcomp_quick.*`` instead):
+``--rows`` runs the named rows (labels as printed) and keeps the others from the last run's
+JSON; results are written after every row. Each row's JSON object holds, over its seeds:
 
 * ``bytes_per_step``: bytes one worker hands to collectives per step (the hooks' own count:
-  payloads, the dense flat part, L-GreCo's error table and plan broadcast), **averaged over the
-  compressed phase only** -- the steps after the dense warm-up. The warm-up steps are identical
-  for every compressed row (a full dense all-reduce each) and are left out; dense DDP sends the
-  same bytes every step. ``compression_ratio`` is dense bytes / ``bytes_per_step``.
-* ``final_val_loss``: mean next-byte NLL on fixed held-out windows (Hamlet and the Sonnets) after
-  the last step; ``loss_gap_pct`` is ``100 * (loss - dense loss) / dense loss``.
-* ``wall_s``: the whole train stage of the row, worker start-up and checkpoint included.
-* ``step_s_1gbps`` / ``step_s_10gbps`` (N = 2 workers) and ``step_s_1gbps_n8`` (N = 8): a
-  modelled step time on a real network, ``compute + wire bytes / bandwidth``, the wire bytes of
-  one worker by ring algorithms (``presso.compressors.gradient.accounting.wire_bytes``): an
-  all-reduce moves ``2 (N - 1) / N`` times its payload through each worker's link, an all-gather
-  ``N - 1`` times the worker's part, so the top-k and quantization exchanges (all-gathers) lose
-  ground as N grows. ``compute`` is the median measured step time over the compressed phase on
-  this machine: forward, backward with the hook's encode/decode, optimizer; its gloo exchange
-  runs over loopback and so adds almost no wire time.
+  payloads, the dense flat part, L-GreCo's error table and plan broadcast), averaged over the
+  compressed phase (after the dense warm-up); ``compression_ratio`` is dense bytes over it.
+* ``val_loss`` (mean), ``val_loss_spread`` (half the range) and ``val_loss_seeds``: next-byte
+  NLL on fixed held-out windows after the last step; ``gap_pct`` against dense's mean. Dense's
+  own spread is the noise floor: a gap inside it is no gap.
+* ``wire_bytes``: bytes one worker sends on the network per step at N = 2, 8, 64 workers by ring
+  algorithms (``presso.compressors.gradient.accounting.wire_bytes``): an all-reduce moves
+  ``2 (N - 1) / N`` times its payload through each link, an all-gather ``N - 1`` times the
+  worker's part, so top-k and quantization (all-gathers) lose ground as N grows.
+* ``step_s``: a modelled step time, ``compute + wire bytes / bandwidth`` at N = 2, 8, 64 and
+  1 / 10 / 100 Gb/s, where ``compute`` is the median measured step over the compressed phase on
+  this machine (forward, backward with the hook's encode/decode, optimizer; the gloo exchange
+  runs over loopback and adds almost no wire time). A family whose encode/decode costs more than
+  the wire time it saves shows a step slower than dense.
+
+``bench/results/gradcomp_pareto.png`` draws each family's frontier (bytes/step, log axis, against
+final val loss with the seed spread as error bars; dense as a band).
 """
 
 from __future__ import annotations
@@ -41,14 +46,15 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
 
 from presso.compressors.gradient.accounting import wire_bytes
 
 WORKERS = 2
-FULL = dict(steps=300, warmup=20, adjust=50, measure=3, eval_every=100, eval_batches=16)
-QUICK = dict(steps=20, warmup=4, adjust=4, measure=2, eval_every=20, eval_batches=2)
+FULL = dict(steps=200, warmup=20, adjust=30, measure=3, eval_every=100, eval_batches=16, seeds=3)
+QUICK = dict(steps=20, warmup=4, adjust=4, measure=2, eval_every=20, eval_batches=2, seeds=1)
 QUICK_MODEL = [  # a tiny Llama: the quick run checks the pipeline, not the numbers
     "model.scratch.hidden_size=64",
     "model.scratch.num_layers=2",
@@ -57,31 +63,44 @@ QUICK_MODEL = [  # a tiny Llama: the quick run checks the pipeline, not the numb
     "train.seq_len=64",
 ]
 GC = "train.grad_compression"
-TORCH_RANKS = (1, 2, 4, 8)
-UNIFORM_RANK = 4
+PARAMETER = {"powersgd": "rank", "topk": "density", "quant": "bits"}
+UNIFORM = {"powersgd": (4, 8, 16), "topk": (0.01, 0.03, 0.1), "quant": (2, 4, 8)}
+REFERENCES = {"powersgd": (8, 16), "topk": (0.03, 0.1), "quant": (2, 4)}
+PEER_RANK = 8
+NETWORK = [(n, gbps) for n in (2, 8, 64) for gbps in (1, 10, 100)]
 LOSS_TOLERANCE_PCT = 1.0  # the issue's "within 1 % of dense"
 
 
-def rows() -> list[tuple[str, str, list[str]]]:
-    """``(method, family, overrides)`` of every row, dense first (the reference)."""
-    torch_rows = [
-        (f"torch_powersgd r={r}", "powersgd", [f"{GC}.method=torch_powersgd", f"{GC}.rank={r}"])
-        for r in TORCH_RANKS
-    ]
-    lgreco_rows = [
-        ("lgreco", family, [f"{GC}.method=lgreco", f"{GC}.family={family}"])
-        for family in ("powersgd", "topk", "quant")
-    ]
-    return [
-        ("dense", "none", []),
-        *torch_rows,
-        (
-            f"powersgd r={UNIFORM_RANK}",
-            "powersgd",
-            [f"{GC}.method=powersgd", f"{GC}.rank={UNIFORM_RANK}"],
-        ),
-        *lgreco_rows,
-    ]
+@dataclass(frozen=True)
+class Row:
+    method: str  # dense, uniform, lgreco or torch_powersgd
+    family: str = "none"
+    setting: float | None = None  # the family's parameter; L-GreCo's reference
+
+    @property
+    def label(self) -> str:
+        return " ".join(
+            str(x) for x in (self.method, self.family, self.setting) if x not in ("none", None)
+        )
+
+    def overrides(self) -> list[str]:
+        if self.method == "dense":
+            return []
+        setting = [f"{GC}.{PARAMETER[self.family]}={self.setting}"]
+        if self.method == "torch_powersgd":
+            return [f"{GC}.method=torch_powersgd", *setting]
+        return [f"{GC}.method={self.method}", f"{GC}.family={self.family}", *setting]
+
+
+def all_rows() -> list[Row]:
+    """Every row, dense first (the reference every gap is against)."""
+    rows = [Row("dense")]
+    for family, settings in UNIFORM.items():
+        rows += [Row("uniform", family, s) for s in settings]
+        if family == "powersgd":
+            rows.append(Row("torch_powersgd", family, PEER_RANK))
+        rows += [Row("lgreco", family, s) for s in REFERENCES[family]]
+    return rows
 
 
 def base_overrides(s: dict, quick: bool) -> list[str]:
@@ -99,131 +118,253 @@ def base_overrides(s: dict, quick: bool) -> list[str]:
     ]
 
 
-def measure(run: TrainRun, method: str, family: str, warmup: int, dense_loss: float) -> dict:
-    """One JSON row from a row's histories (see the module docstring for the definitions)."""
-    if method == "dense":
-        sent = float(run.dense_bytes)
+def measure_seed(run: TrainRun, row: Row, warmup: int) -> dict:
+    """One seed's bytes per collective (compressed phase), compute time and final val loss."""
+    if row.method == "dense":
+        reduced, gathered, broadcast = float(run.dense_bytes), 0.0, 0.0
         compute = median(run.step_seconds())
     else:
         compressed = {s for s, flag in run.series("comm/dense_phase") if flag == 0.0}
-        sent = mean([b for s, b in run.series("comm/bytes_sent") if s in compressed])
+        sent, gathered, broadcast = (
+            mean([b for s, b in run.series(f"comm/bytes_{kind}") if s in compressed])
+            for kind in ("sent", "all_gather", "broadcast")
+        )
+        reduced = sent - gathered - broadcast
         compute = median(run.step_seconds(after=warmup))
         dense = {b for _, b in run.series("comm/dense_bytes")}
-        assert dense == {run.dense_bytes}, f"{method}: hook's dense count {dense} != model bytes"
-    loss = run.final("val/loss")
-    if method == "dense":
-        gathered = broadcast = 0.0
-    else:
-        gathered, broadcast = (
-            mean([b for s, b in run.series(f"comm/bytes_{kind}") if s in compressed])
-            for kind in ("all_gather", "broadcast")
-        )
+        assert dense == {run.dense_bytes}, f"{row.label}: hook's dense count {dense} != model"
+    return dict(
+        reduced=reduced,
+        gathered=gathered,
+        broadcast=broadcast,
+        compute=compute,
+        loss=run.final("val/loss"),
+        wall=run.wall_s,
+    )
 
-    def step_s(workers: int, gbps: float) -> float:
-        wire = wire_bytes(sent - gathered - broadcast, gathered, broadcast, workers)
-        return round(compute + wire / (gbps * 1e9 / 8), 4)
 
+def summarize(row: Row, seeds: list[dict], dense_bytes: int) -> dict:
+    """A row's JSON object from its seeds (see the module docstring for the fields)."""
+    avg = {k: mean([s[k] for s in seeds]) for k in ("reduced", "gathered", "broadcast", "compute")}
+    sent = avg["reduced"] + avg["gathered"] + avg["broadcast"]
+    losses = [s["loss"] for s in seeds]
+    wire = {n: wire_bytes(avg["reduced"], avg["gathered"], avg["broadcast"], n) for n in (2, 8, 64)}
     return {
-        "method": method,
-        "family": family,
+        "label": row.label,
+        "method": row.method,
+        "family": row.family,
+        "setting": row.setting,
         "bytes_per_step": round(sent),
-        "compression_ratio": round(run.dense_bytes / sent, 2),
-        "final_val_loss": round(loss, 4),
-        "loss_gap_pct": round(100 * (loss - dense_loss) / dense_loss, 2),
-        "wall_s": round(run.wall_s, 1),
-        "step_s_1gbps": step_s(WORKERS, 1),
-        "step_s_10gbps": step_s(WORKERS, 10),
-        "step_s_1gbps_n8": step_s(8, 1),
+        "compression_ratio": round(dense_bytes / sent, 2),
+        "val_loss": round(mean(losses), 4),
+        "val_loss_spread": round((max(losses) - min(losses)) / 2, 4),
+        "val_loss_seeds": [round(x, 4) for x in losses],
+        "seeds": len(seeds),
+        "compute_s": round(avg["compute"], 4),
+        "wire_bytes": {f"N={n}": round(b) for n, b in wire.items()},
+        "step_s": {
+            f"N={n} {g}Gb/s": round(avg["compute"] + wire[n] / (g * 1e9 / 8), 4) for n, g in NETWORK
+        },
+        "wall_s": round(mean([s["wall"] for s in seeds]), 1),
     }
 
 
+def with_gaps(rows: list[dict]) -> list[dict]:
+    """Rows with ``gap_pct`` against dense's mean val loss (NaN while dense is not measured)."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    base = dense["val_loss"] if dense else float("nan")
+    for r in rows:
+        r["gap_pct"] = round(100 * (r["val_loss"] - base) / base, 2)
+    return rows
+
+
 COLUMNS = [  # (field, header, width, format)
-    ("method", "method", 20, "{}"),
-    ("family", "family", 8, "{}"),
-    ("bytes_per_step", "bytes/step", 14, "{:,}"),
+    ("label", "row", 22, "{}"),
+    ("bytes_per_step", "bytes/step", 12, "{:,}"),
     ("compression_ratio", "ratio", 8, "{:.1f}x"),
-    ("final_val_loss", "val loss", 9, "{:.4f}"),
-    ("loss_gap_pct", "gap", 8, "{:+.2f}%"),
-    ("wall_s", "wall s", 7, "{:.0f}"),
-    ("step_s_1gbps", "s@1Gb/s", 9, "{:.3f}"),
-    ("step_s_10gbps", "s@10Gb/s", 9, "{:.3f}"),
-    ("step_s_1gbps_n8", "N=8 1Gb/s", 10, "{:.3f}"),
+    ("val_loss", "val loss", 9, "{:.4f}"),
+    ("val_loss_spread", "±", 7, "{:.4f}"),
+    ("gap_pct", "gap", 8, "{:+.2f}%"),
+    ("compute_s", "compute s", 9, "{:.3f}"),
+    ("wire_n8", "wire N=8", 12, "{:,}"),
+    ("step_n8_1", "N=8 1Gb/s", 10, "{:.3f}"),
+    ("step_n64_10", "N=64 10Gb/s", 11, "{:.3f}"),
 ]
 
 
-def verdict(results: list[dict]) -> list[str]:
-    """The issue's targets, checked on the rows: L-GreCo's best family vs dense and vs the best
-    uniform PowerSGD within tolerance."""
-    ok = [r for r in results if r["loss_gap_pct"] <= LOSS_TOLERANCE_PCT]
-    lgreco = [r for r in ok if r["method"] == "lgreco"]
-    uniform = [r for r in ok if "powersgd r=" in r["method"]]
-    best_uniform = min(uniform, key=lambda r: r["bytes_per_step"], default=None)
-    lines = []
-    if not lgreco:
-        gaps = ", ".join(
-            f"{r['family']} {r['loss_gap_pct']:+.2f}%" for r in results if r["method"] == "lgreco"
+def table(rows: list[dict]) -> str:
+    flat = [
+        {
+            **r,
+            "wire_n8": r["wire_bytes"]["N=8"],
+            "step_n8_1": r["step_s"]["N=8 1Gb/s"],
+            "step_n64_10": r["step_s"]["N=64 10Gb/s"],
+        }
+        for r in rows
+    ]
+    return format_table(flat, COLUMNS)
+
+
+def step_table(rows: list[dict]) -> str:
+    """Modelled step seconds of every row at every network size and speed."""
+    keys = [f"N={n} {g}Gb/s" for n, g in NETWORK]
+    lines = [f"{'row':>22} " + " ".join(f"{k:>14}" for k in keys)]
+    for r in rows:
+        lines.append(f"{r['label']:>22} " + " ".join(f"{r['step_s'][k]:>14.3f}" for k in keys))
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Per family: L-GreCo's fewest bytes within tolerance against the best uniform row within
+    tolerance (target: >= 2x fewer), and its modelled step at N=8, 1 Gb/s against dense's."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is None:
+        return ["no dense row: no verdict"]
+    noise = 100 * dense["val_loss_spread"] / dense["val_loss"]
+    lines = [f"noise floor: dense val loss {dense['val_loss']:.4f} ± {noise:.2f}% over seeds"]
+    for family in UNIFORM:
+        ok = [r for r in rows if r["family"] == family and r["gap_pct"] <= LOSS_TOLERANCE_PCT]
+        uniform = min(
+            (r for r in ok if r["method"] != "lgreco"),
+            key=lambda r: r["bytes_per_step"],
+            default=None,
         )
-        return [f"no L-GreCo row within {LOSS_TOLERANCE_PCT}% of dense ({gaps}): target not met"]
-    best = min(lgreco, key=lambda r: r["bytes_per_step"])
-    lines.append(
-        f"best L-GreCo within {LOSS_TOLERANCE_PCT}%: {best['family']}, "
-        f"{best['compression_ratio']:.1f}x fewer bytes than dense "
-        f"({'meets' if best['compression_ratio'] >= 5 else 'misses'} >= 5x)"
-    )
-    if best_uniform is None:
-        lines.append(f"no uniform PowerSGD row within {LOSS_TOLERANCE_PCT}% of dense")
-    else:
-        fewer = best["bytes_per_step"] < best_uniform["bytes_per_step"]
-        lines.append(
-            f"best uniform PowerSGD within {LOSS_TOLERANCE_PCT}%: {best_uniform['method']} at "
-            f"{best_uniform['bytes_per_step']:,} B/step; L-GreCo sends "
-            f"{best['bytes_per_step']:,} ({'fewer: meets' if fewer else 'not fewer: misses'})"
+        lgreco = min(
+            (r for r in ok if r["method"] == "lgreco"),
+            key=lambda r: r["bytes_per_step"],
+            default=None,
         )
+        fast = [
+            r["label"]
+            for r in rows
+            if r["family"] == family
+            and r["method"] == "lgreco"
+            and r["step_s"]["N=8 1Gb/s"] >= dense["step_s"]["N=8 1Gb/s"]
+        ]
+        head = f"{family}: "
+        if lgreco is None or uniform is None:
+            lines.append(
+                head + f"no {'L-GreCo' if lgreco is None else 'uniform'} row within "
+                f"{LOSS_TOLERANCE_PCT}% of dense"
+            )
+        else:
+            factor = uniform["bytes_per_step"] / lgreco["bytes_per_step"]
+            lines.append(
+                head + f"{lgreco['label']} {lgreco['bytes_per_step']:,} B/step "
+                f"({lgreco['gap_pct']:+.2f}%) vs best uniform {uniform['label']} "
+                f"{uniform['bytes_per_step']:,} ({uniform['gap_pct']:+.2f}%): {factor:.2f}x fewer "
+                f"({'meets' if factor >= 2 else 'misses'} >= 2x)"
+            )
+        if fast:
+            lines.append(f"{family}: not faster than dense at N=8, 1 Gb/s: {', '.join(fast)}")
     return lines
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    fig, axes = plt.subplots(1, len(UNIFORM), figsize=(5 * len(UNIFORM), 4), sharey=True)
+    styles = {"uniform": "o-", "lgreco": "s", "torch_powersgd": "^"}
+    for ax, family in zip(axes, UNIFORM):
+        for method, style in styles.items():
+            pts = sorted(
+                (r for r in rows if r["family"] == family and r["method"] == method),
+                key=lambda r: r["bytes_per_step"],
+            )
+            if pts:
+                ax.errorbar(
+                    [r["bytes_per_step"] for r in pts],
+                    [r["val_loss"] for r in pts],
+                    yerr=[r["val_loss_spread"] for r in pts],
+                    fmt=style,
+                    capsize=3,
+                    label=method,
+                )
+        if dense is not None:
+            lo, hi = (dense["val_loss"] + k * dense["val_loss_spread"] for k in (-1, 1))
+            ax.axhline(dense["val_loss"], c="grey", lw=1)
+            ax.axhspan(lo, hi, color="grey", alpha=0.3, label="dense ± spread")
+            ax.axhline(dense["val_loss"] * (1 + LOSS_TOLERANCE_PCT / 100), ls=":", c="k")
+        ax.set_xscale("log")
+        ax.set_title(family)
+        ax.set_xlabel("bytes/step per worker")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("final val loss (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps (<= 5 min)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps, one seed")
+    parser.add_argument("--rows", help="comma-separated row labels; the others are kept")
+    parser.add_argument("--seeds", type=int, help="seeds per row (default: full 3, quick 1)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
-    tick = time.perf_counter()
-    results, loads, log = [], [], Log()
-    with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
-        dense_loss = None
-        for i, (method, family, overrides) in enumerate(rows(), 1):
-            run = bench.run(method.replace(" ", "_").replace("=", ""), overrides)
-            if dense_loss is None:  # the first row is dense: every gap is against it
-                dense_loss = run.final("val/loss")
-            results.append(measure(run, method, family, s["warmup"], dense_loss))
-            loads.append(run.load)
-            r = results[-1]
-            log(
-                f"[{i}/{len(rows())}] {method} {family}: {r['wall_s']:.0f} s, val "
-                f"{r['final_val_loss']:.4f}, {r['bytes_per_step']:,} B/step, "
-                f"load {run.load[0]:.1f}->{run.load[1]:.1f}"
-            )
+    seeds = args.seeds or s["seeds"]
+    rows = all_rows()
+    if args.rows:
+        wanted = {x.strip() for x in args.rows.split(",")}
+        unknown = wanted - {r.label for r in rows}
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; choose from {[r.label for r in rows]}")
+        rows = [r for r in rows if r.label in wanted]
+    name = f"gradcomp{'_quick' if args.quick else ''}"
+    out = RESULTS / f"{name}.json"
+    order = [r.label for r in all_rows()]
+    earlier = json.loads(out.read_text()) if args.rows and out.exists() else {}
+    kept = earlier.get("rows", []) if isinstance(earlier, dict) else []  # an older layout: none
+    results = {r["label"]: r for r in kept if r.get("label") in order}
+    settings = {**s, "seeds": seeds, "workers": WORKERS}
+    tick, loads, log = time.perf_counter(), [], Log()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"gradcomp{'_quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    loads_seen = [x for pair in loads for x in pair]
+
+    def save() -> list[dict]:
+        done = with_gaps(sorted(results.values(), key=lambda r: order.index(r["label"])))
+        out.write_text(json.dumps({"settings": settings, "rows": done}, indent=1) + "\n")
+        return done
+
+    with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
+        for i, row in enumerate(rows, 1):
+            per_seed = []
+            for seed in range(seeds):
+                tag = row.label.replace(" ", "_")
+                run = bench.run(f"{tag}_s{seed}", [*row.overrides(), f"run.seed={seed}"])
+                per_seed.append(measure_seed(run, row, s["warmup"]))
+                loads.append(run.load)
+                log(
+                    f"[{i}/{len(rows)}] {row.label} seed {seed}: {run.wall_s:.0f} s, val "
+                    f"{per_seed[-1]['loss']:.4f}, load {run.load[0]:.1f}->{run.load[1]:.1f}"
+                )
+            results[row.label] = summarize(row, per_seed, run.dense_bytes)
+            done = save()
+    seen = [x for pair in loads for x in pair]
     log()
     log(
-        f"gradient compression, {WORKERS} workers, {s['steps']} steps, dense warm-up "
-        f"{s['warmup']} steps, L-GreCo alpha 1 every {s['adjust']} steps"
+        f"gradient compression, {WORKERS} workers, {s['steps']} steps, {seeds} seed(s) per row, "
+        f"dense warm-up {s['warmup']} steps, L-GreCo alpha 1 every {s['adjust']} steps"
         f"{' (quick: tiny model)' if args.quick else ''}"
     )
-    log(format_table(results, COLUMNS))
+    log(table(done))
     log(
-        f"bytes/step: per worker, mean over steps {s['warmup'] + 1}-{s['steps']} (the compressed "
-        f"phase); the {s['warmup']} dense warm-up steps of the compressed rows are not counted.\n"
-        "s@1Gb/s, s@10Gb/s (2 workers), N=8 1Gb/s: median measured step time + the ring\n"
-        "collectives' wire time for bytes/step (all-gathers grow with N - 1).\n"
-        f"load average during the rows: {min(loads_seen):.1f}-{max(loads_seen):.1f} "
-        f"(now {load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
+        f"bytes/step: per worker, handed to collectives, mean over steps {s['warmup'] + 1}-"
+        f"{s['steps']} (the compressed phase) and seeds; ±: half the seeds' range; wire N=8: bytes "
+        "on one worker's link per step by ring algorithms; N=8 1Gb/s, N=64 10Gb/s: median "
+        "measured step + that wire time. Every network size and speed:"
     )
-    for line in verdict(results):
+    log(step_table(done))
+    log(
+        f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
+        f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
+    )
+    for line in verdict(done):
         log(line)
+    plot(done, RESULTS / f"{name}_pareto.png")
     log.save(out.with_suffix(".txt"))
 
 
