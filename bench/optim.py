@@ -1,21 +1,24 @@
 """Low-rank optimizers side by side: AdamW, GaLore, GradNormLoRP (fp32 and 8-bit states), and
 GaLore's projected-gradient all-reduce against dense DDP.
 
-    python bench/optim.py [--quick]
+    python bench/optim.py [--quick] [--rows galore,galore+comm]   # --rows keeps the other rows
 
 Every row trains the same from-scratch Llama (the quickstart's: hidden 256, 4 layers, byte
-tokens) on the same Shakespeare batches with the same seed, steps and learning rate (3e-3,
-warm-up then cosine) on 2 Ray Train workers; only ``train.optimizer`` (and, for the ``+comm``
-rows, ``train.grad_compression.method: galore``) differs. Settings chosen once for all low-rank
-rows:
+tokens) on the same Shakespeare batches and steps (warm-up then cosine) on 2 Ray Train workers;
+only ``train.optimizer`` (and, for the ``+comm`` rows, ``train.grad_compression.method: galore``)
+differs. Each optimizer gets its own learning rate: seed 0 runs at every rate of ``lrs`` (a
+factor ~3 apart around the quickstart's 3e-3), the rate with the lowest validation loss is kept,
+and the other seeds run at it; a row reports the mean over seeds at its rate (``±``: half the
+range), so no optimizer is judged at a rate tuned for another. Settings chosen once for all
+low-rank rows:
 
 * rank 64 = hidden / 4, the GaLore paper's rank-to-width ratio for its pre-training runs;
 * a subspace refresh every 50 steps: 6 in a 300-step run (the paper's 200 is for runs of 10k+
   steps, and subspaces move fastest early in training);
-* scale 1.0: the rows share one learning rate, and the paper's scale 0.25 comes paired with a
-  learning rate several times its AdamW baseline's; with scale 1 a low-rank coordinate takes
-  AdamW's step size at the shared rate. Projections on the smaller side; moments re-projected
-  at a refresh (the defaults); embeddings and norms stay on AdamW in every row.
+* scale 1.0: the paper's scale 0.25 comes paired with a learning rate several times its AdamW
+  baseline's; the rate sweep finds each row's rate, so scale 1 keeps one knob, not two.
+  Projections on the smaller side; moments re-projected at a refresh (the defaults); embeddings
+  and norms stay on AdamW in every row.
 
 Columns (``bench/results/optim.json`` holds one object per row with exactly these fields,
 ``optim.txt`` the printed table; ``--quick`` writes ``optim_quick.*`` instead):
@@ -25,7 +28,10 @@ Columns (``bench/results/optim.json`` holds one object per row with exactly thes
   AdamW's.
 * ``peak_rss_mb``: peak resident memory of rank 0's worker process (most of it is the Python,
   torch and Ray runtime, the same in every row).
-* ``final_val_loss``: mean next-byte NLL on fixed held-out windows after the last step;
+* ``lr``: the rate kept; ``lr_sweep``: seed 0's final val loss at every rate tried (empty for the
+  ``+comm`` rows, which run at their optimizer's rate: only the exchange differs).
+* ``final_val_loss``: mean next-byte NLL on fixed held-out windows after the last step, mean
+  over seeds (``val_loss_spread``: half their range; ``val_loss_seeds``: each);
   ``loss_gap_pct`` is ``100 * (loss - AdamW's) / AdamW's``.
 * ``ms_per_step``: median wall time of a training step (forward, backward with the gradient
   exchange, optimizer step); the median keeps out load spikes from other processes.
@@ -33,8 +39,8 @@ Columns (``bench/results/optim.json`` holds one object per row with exactly thes
   (subspace refreshes included). Plain DDP all-reduces every fp32 gradient every step; the
   ``+comm`` rows send GaLore's projected gradients between refreshes (the comm hook's count).
 
-galore-torch's ``GaLoreAdamW`` joins as a peer row when it is importable *and* the train stage
-accepts ``train.optimizer.name: galore_torch``; otherwise that row is skipped with a note.
+galore-torch's ``GaLoreAdamW`` joins as a peer row (same rank, scale and refresh gap) when it is
+importable (``pip install 'presso[peers]'``); otherwise that row is skipped with a note.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ import time
 from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
 
 WORKERS = 2
-FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50)
-QUICK = dict(steps=20, eval_every=20, eval_batches=2, rank=16, gap=8)
+FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50, seeds=2)
+FULL["lrs"] = (1e-3, 3e-3, 1e-2)
+QUICK = dict(steps=20, eval_every=20, eval_batches=2, rank=16, gap=8, seeds=1, lrs=(3e-3, 1e-2))
 QUICK_MODEL = [  # a tiny Llama: the quick run checks the pipeline, not the numbers
     "model.scratch.hidden_size=64",
     "model.scratch.num_layers=2",
@@ -97,22 +104,28 @@ def base_overrides(s: dict, quick: bool) -> list[str]:
     ]
 
 
-def measure(run: TrainRun, label: str, reference: dict | None) -> dict:
-    """One JSON row from a row's histories (see the module docstring for the definitions)."""
-    state = run.final("train/optimizer_state_bytes")
-    loss = run.final("val/loss")
-    sent = [b for _, b in run.series("comm/bytes_sent")]
+def measure(runs: list[TrainRun], label: str, lr: float, sweep: dict, reference) -> dict:
+    """One JSON row from a row's runs at its rate, one per seed (see the module docstring)."""
+    first = runs[0]
+    state = first.final("train/optimizer_state_bytes")
+    losses = [run.final("val/loss") for run in runs]
+    loss = mean(losses)
+    sent = [b for run in runs for _, b in run.series("comm/bytes_sent")]
     ref_state = reference["state_bytes"] if reference else state
     ref_loss = reference["final_val_loss"] if reference else loss
     return {
         "optimizer": label,
+        "lr": lr,
+        "lr_sweep": {f"{k:g}": round(v, 4) for k, v in sweep.items()},
         "state_bytes": int(state),
         "state_ratio": round(state / ref_state, 4),
-        "peak_rss_mb": round(run.final("train/peak_rss_mb"), 1),
+        "peak_rss_mb": round(max(run.final("train/peak_rss_mb") for run in runs), 1),
         "final_val_loss": round(loss, 4),
+        "val_loss_spread": round((max(losses) - min(losses)) / 2, 4),
+        "val_loss_seeds": [round(x, 4) for x in losses],
         "loss_gap_pct": round(100 * (loss - ref_loss) / ref_loss, 2),
-        "ms_per_step": round(1000 * median(run.step_seconds()), 1),
-        "comm_bytes_per_step": round(mean(sent)) if sent else run.dense_bytes,
+        "ms_per_step": round(1000 * median([t for run in runs for t in run.step_seconds()]), 1),
+        "comm_bytes_per_step": round(mean(sent)) if sent else first.dense_bytes,
     }
 
 
@@ -147,58 +160,112 @@ COLUMNS = [  # (field, header, width, format)
     ("optimizer", "optimizer", 16, "{}"),
     ("state_bytes", "state bytes", 12, "{:,}"),
     ("state_ratio", "ratio", 6, "{:.3f}"),
+    ("lr", "lr", 7, "{:g}"),
     ("peak_rss_mb", "peak RSS MB", 11, "{:.0f}"),
     ("final_val_loss", "val loss", 9, "{:.4f}"),
+    ("val_loss_spread", "±", 7, "{:.4f}"),
     ("loss_gap_pct", "gap", 8, "{:+.2f}%"),
     ("ms_per_step", "ms/step", 8, "{:.0f}"),
     ("comm_bytes_per_step", "comm B/step", 12, "{:,}"),
 ]
 
 
+def verdict(results: list[dict]) -> list[str]:
+    """The noise floor (AdamW's seed spread), each low-rank row's state and gap against AdamW at
+    its own rate, and GaLore against galore-torch at equal settings."""
+    adamw = results[0]
+    noise = 100 * adamw["val_loss_spread"] / adamw["final_val_loss"]
+    lines = [f"noise floor: adamw val loss {adamw['final_val_loss']:.4f} ± {noise:.2f}% over seeds"]
+    for r in results[1:]:
+        lines.append(
+            f"{r['optimizer']}: {r['state_ratio']:.3f}x AdamW's state at {r['loss_gap_pct']:+.2f}% "
+            f"val loss (lr {r['lr']:g} vs AdamW's {adamw['lr']:g})"
+        )
+    ours = next((r for r in results if r["optimizer"] == "galore"), None)
+    peer = next((r for r in results if r["optimizer"].startswith(PEER)), None)
+    if ours and peer:
+        diff = 100 * (ours["final_val_loss"] - peer["final_val_loss"]) / peer["final_val_loss"]
+        lines.append(f"galore vs {PEER}: {diff:+.2f}% val loss (target: within 1%)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps")
+    parser.add_argument(
+        "--rows", help="comma-separated optimizers to run, with adamw (default: all)"
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     tick = time.perf_counter()
     results, loads, notes, log = [], [], [], Log()
     plan = rows()
+    if args.rows:
+        wanted = {x.strip() for x in args.rows.split(",")}
+        if unknown := wanted - {label for label, _ in plan}:
+            parser.error(f"unknown rows {sorted(unknown)}; choose from {[x for x, _ in plan]}")
+        # AdamW is every gap's reference; a +comm row compares with its optimizer's row
+        wanted |= {"adamw"} | {x.removesuffix("+comm") for x in wanted}
+        plan = [(label, o) for label, o in plan if label in wanted]
     with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
         for i, (label, overrides) in enumerate(plan, 1):
-            run = bench.run(label.split(" ")[0].replace("+", "_"), overrides)
-            results.append(measure(run, label, results[0] if results else None))
-            loads.append(run.load)
-            if label.endswith("+comm"):
-                plain = next(r for r in results if r["optimizer"] == label.removesuffix("+comm"))
-                diff = results[-1]["final_val_loss"] - plain["final_val_loss"]
+
+            def train(lr: float, seed: int, label=label, overrides=overrides, i=i) -> TrainRun:
+                tag = f"{label.split(' ')[0].replace('+', '_')}_lr{lr:g}_s{seed}"
+                run = bench.run(tag, [*overrides, f"{OPT}.lr={lr}", f"run.seed={seed}"])
+                loads.append(run.load)
+                log(
+                    f"[{i}/{len(plan)}] {label} lr {lr:g} seed {seed}: {run.wall_s:.0f} s, val "
+                    f"{run.final('val/loss'):.4f}, load {run.load[0]:.1f}->{run.load[1]:.1f}"
+                )
+                return run
+
+            plain = label.removesuffix("+comm")
+            if plain != label:  # the same optimizer, its gradients sent projected: its rate
+                lr = next(r["lr"] for r in results if r["optimizer"] == plain)
+                sweep, runs = {}, [train(lr, 0)]
+            else:
+                at = {lr: train(lr, 0) for lr in s["lrs"]}
+                sweep = {lr: run.final("val/loss") for lr, run in at.items()}
+                lr = min(sweep, key=sweep.get)
+                runs = [at[lr]]
+            runs += [train(lr, seed) for seed in range(1, s["seeds"])]
+            results.append(measure(runs, label, lr, sweep, results[0] if results else None))
+            if plain != label:
+                plain_row = next(r for r in results if r["optimizer"] == plain)
+                diff = results[-1]["final_val_loss"] - plain_row["final_val_loss"]
                 expected = projected_fraction(bench.model(bench.config([])), s["rank"])
                 notes.append(
-                    f"{label}: {between_refreshes(run, expected)}; val loss {diff:+.4f} vs DDP"
+                    f"{label}: {between_refreshes(runs[0], expected)}; val loss {diff:+.4f} vs DDP"
                 )
-            r = results[-1]
-            log(
-                f"[{i}/{len(plan)}] {label}: {run.wall_s:.0f} s, val {r['final_val_loss']:.4f}, "
-                f"state {r['state_ratio']:.3f}x, load {run.load[0]:.1f}->{run.load[1]:.1f}"
-            )
     if (why := peer_status()) is not None:
         notes.append(f"{PEER} (peer) row skipped: {why}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"optim{'_quick' if args.quick else ''}.json"
+    if args.rows and out.exists():  # keep the other rows of the last run (this layout only)
+        ran = {r["optimizer"] for r in results}
+        kept = [r for r in json.loads(out.read_text()) if "lr" in r and r["optimizer"] not in ran]
+        order = [label for label, _ in rows()]
+        results = sorted(results + kept, key=lambda r: order.index(r["optimizer"]))
     out.write_text(json.dumps(results, indent=1) + "\n")
     seen = [x for pair in loads for x in pair]
     log()
     log(
         f"low-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
-        f"refresh every {s['gap']} steps, scale {SCALE}"
+        f"refresh every {s['gap']} steps, scale {SCALE}; each row at its best rate of "
+        f"{', '.join(f'{x:g}' for x in s['lrs'])} (seed 0's val loss), then {s['seeds']} seed(s)"
         f"{' (quick: tiny model)' if args.quick else ''}"
     )
     log(format_table(results, COLUMNS))
     log(
-        "state: optimizer state tensors per worker; comm B/step: per worker, mean over all "
-        "steps (dense DDP for rows without the comm hook); ms/step: median.\n"
+        "state: optimizer state tensors per worker; val loss: mean over seeds at the row's rate "
+        "(±: half their range); comm B/step: per worker, mean over all steps (dense DDP for rows "
+        "without the comm hook); ms/step: median.\n"
         f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
         f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )
+    for line in verdict(results):
+        log(line)
     for note in notes:
         log(note)
     log.save(out.with_suffix(".txt"))
