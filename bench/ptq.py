@@ -409,7 +409,8 @@ def main() -> None:
         """Write the results so far (after every row: a run cut short keeps what it measured)."""
         report = {"settings": settings, "rows": rows, "checks": checks, "load_1min": loads}
         report.update(solver_agreement=agreement, notes=notes)
-        runs = {**earlier, key: merged(earlier.get(key), report)}
+        # other models' runs as the file holds them now: another run may have written since
+        runs = {**earlier_runs(RESULTS / f"{name}.json"), key: merged(earlier.get(key), report)}
         (RESULTS / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=1))
         text = "\n\n".join(report_text(label, run) for label, run in runs.items())
         (RESULTS / f"{name}.txt").write_text(text + "\n")
