@@ -166,9 +166,9 @@ def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
         info = save_compressed(result.model, result.records, folder / "artifact")
         ppl = evaluate(load_compressed(folder / "artifact"))
         if row.method == "gptq" and row.bits == 4:  # the artifact reproduces the model it saved
-            checks["gptq W4: reloaded artifact ppl == in-memory ppl"] = ppl["ppl"] == evaluate(
-                result.model, domains=("test",)
-            )["ppl"]
+            checks["gptq W4: reloaded artifact ppl == in-memory ppl"] = (
+                ppl["ppl"] == evaluate(result.model, domains=("test",))["ppl"]
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {
