@@ -48,7 +48,18 @@ import sys
 import time
 from dataclasses import dataclass
 
-from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
+from harness import (
+    RESULTS,
+    Bench,
+    Log,
+    TrainRun,
+    format_table,
+    load_average,
+    mean,
+    median,
+    noise_floor,
+    spread,
+)
 
 from presso.compressors.gradient.accounting import wire_bytes
 
@@ -157,7 +168,7 @@ def summarize(row: Row, seeds: list[dict], dense_bytes: int) -> dict:
         "bytes_per_step": round(sent),
         "compression_ratio": round(dense_bytes / sent, 2),
         "val_loss": round(mean(losses), 4),
-        "val_loss_spread": round((max(losses) - min(losses)) / 2, 4),
+        "val_loss_spread": spread(losses),
         "val_loss_seeds": [round(x, 4) for x in losses],
         "seeds": len(seeds),
         "compute_s": round(avg["compute"], 4),
@@ -220,8 +231,7 @@ def verdict(rows: list[dict]) -> list[str]:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     if dense is None:
         return ["no dense row: no verdict"]
-    noise = 100 * dense["val_loss_spread"] / dense["val_loss"]
-    lines = [f"noise floor: dense val loss {dense['val_loss']:.4f} ± {noise:.2f}% over seeds"]
+    lines = [noise_floor("dense", dense["val_loss"], dense["val_loss_spread"])]
     for family in UNIFORM:
         ok = [r for r in rows if r["family"] == family and r["gap_pct"] <= LOSS_TOLERANCE_PCT]
         uniform = min(
@@ -279,13 +289,13 @@ def plot(rows: list[dict], path) -> None:
                 ax.errorbar(
                     [r["bytes_per_step"] for r in pts],
                     [r["val_loss"] for r in pts],
-                    yerr=[r["val_loss_spread"] for r in pts],
+                    yerr=[r["val_loss_spread"] or 0.0 for r in pts],
                     fmt=style,
                     capsize=3,
                     label=method,
                 )
         if dense is not None:
-            lo, hi = (dense["val_loss"] + k * dense["val_loss_spread"] for k in (-1, 1))
+            lo, hi = (dense["val_loss"] + k * (dense["val_loss_spread"] or 0.0) for k in (-1, 1))
             ax.axhline(dense["val_loss"], c="grey", lw=1)
             ax.axhspan(lo, hi, color="grey", alpha=0.3, label="dense ± spread")
             ax.axhline(dense["val_loss"] * (1 + LOSS_TOLERANCE_PCT / 100), ls=":", c="k")

@@ -76,6 +76,19 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def noise_floor(name: str, loss: float, loss_spread: float | None) -> str:
+    """The line that says how far apart seeds of the reference row landed."""
+    if loss_spread is None:
+        return f"noise floor: not measured ({name} ran one seed)"
+    return f"noise floor: {name} val loss {loss:.4f} ± {100 * loss_spread / loss:.2f}% over seeds"
+
+
+def spread(values: list[float]) -> float | None:
+    """Half the range of repeated measurements (seeds, calibration draws): the ± the benchmarks
+    print; None for a single value, which has none."""
+    return (max(values) - min(values)) / 2 if len(values) > 1 else None
+
+
 class Log:
     """Lines printed as they come and kept for the results' ``.txt`` beside the JSON."""
 
@@ -93,8 +106,13 @@ class Log:
 def format_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> str:
     """Rows as aligned text; ``columns`` lists ``(field, header, width, format)``."""
     lines = ["  ".join(head.rjust(width) for _, head, width, _ in columns)]
-    for row in rows:
-        lines.append("  ".join(fmt.format(row[k]).rjust(width) for k, _, width, fmt in columns))
+    for row in rows:  # None: not measured (e.g. the spread of a single seed)
+        lines.append(
+            "  ".join(
+                ("—" if row[k] is None else fmt.format(row[k])).rjust(width)
+                for k, _, width, fmt in columns
+            )
+        )
     return "\n".join(lines)
 
 

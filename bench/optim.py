@@ -51,7 +51,18 @@ import json
 import sys
 import time
 
-from harness import RESULTS, Bench, Log, TrainRun, format_table, load_average, mean, median
+from harness import (
+    RESULTS,
+    Bench,
+    Log,
+    TrainRun,
+    format_table,
+    load_average,
+    mean,
+    median,
+    noise_floor,
+    spread,
+)
 
 WORKERS = 2
 FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50, seeds=2)
@@ -121,7 +132,7 @@ def measure(runs: list[TrainRun], label: str, lr: float, sweep: dict, reference)
         "state_ratio": round(state / ref_state, 4),
         "peak_rss_mb": round(max(run.final("train/peak_rss_mb") for run in runs), 1),
         "final_val_loss": round(loss, 4),
-        "val_loss_spread": round((max(losses) - min(losses)) / 2, 4),
+        "val_loss_spread": spread(losses),
         "val_loss_seeds": [round(x, 4) for x in losses],
         "loss_gap_pct": round(100 * (loss - ref_loss) / ref_loss, 2),
         "ms_per_step": round(1000 * median([t for run in runs for t in run.step_seconds()]), 1),
@@ -174,8 +185,7 @@ def verdict(results: list[dict]) -> list[str]:
     """The noise floor (AdamW's seed spread), each low-rank row's state and gap against AdamW at
     its own rate, and GaLore against galore-torch at equal settings."""
     adamw = results[0]
-    noise = 100 * adamw["val_loss_spread"] / adamw["final_val_loss"]
-    lines = [f"noise floor: adamw val loss {adamw['final_val_loss']:.4f} ± {noise:.2f}% over seeds"]
+    lines = [noise_floor("adamw", adamw["final_val_loss"], adamw["val_loss_spread"])]
     for r in results[1:]:
         lines.append(
             f"{r['optimizer']}: {r['state_ratio']:.3f}x AdamW's state at {r['loss_gap_pct']:+.2f}% "

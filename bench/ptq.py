@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import LICENSES, RESULTS, second_domain
+from harness import LICENSES, RESULTS, second_domain, spread
 
 SEQ_LEN = 512
 G = 64  # 576 = 9 × 64
@@ -452,9 +452,12 @@ def over_seeds(per_seed: list[dict]) -> dict:
     out = {}
     for key in (k for k in per_seed[0] if k.startswith("ppl")):
         values = [v[key] for v in per_seed]
-        spread = (max(values) - min(values)) / 2 if len(values) > 1 else None
         out.update(
-            {key: sum(values) / len(values), f"{key}_seeds": values, f"{key}_spread": spread}
+            {
+                key: sum(values) / len(values),
+                f"{key}_seeds": values,
+                f"{key}_spread": spread(values),
+            }
         )
     return out
 
