@@ -50,6 +50,7 @@ import importlib.util
 import json
 import sys
 import time
+from functools import partial
 
 from harness import (
     RESULTS,
@@ -199,6 +200,19 @@ def verdict(results: list[dict]) -> list[str]:
     return lines
 
 
+def train_row(bench, label, overrides, position, log, loads: list, lr, seed: int) -> TrainRun:
+    """One training run of a row at rate ``lr`` and ``seed``; its line is logged after
+    ``position`` (``[2/7]``) and its load average kept in ``loads``."""
+    tag = f"{label.split(' ')[0].replace('+', '_')}_lr{lr:g}_s{seed}"
+    run = bench.run(tag, [*overrides, f"{OPT}.lr={lr}", f"run.seed={seed}"])
+    loads.append(run.load)
+    log(
+        f"{position} {label} lr {lr:g} seed {seed}: {run.wall_s:.0f} s, "
+        f"val {run.final('val/loss'):.4f}, load {run.load[0]:.1f}->{run.load[1]:.1f}"
+    )
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps")
@@ -219,16 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(label, o) for label, o in plan if label in wanted]
     with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
         for i, (label, overrides) in enumerate(plan, 1):
-
-            def train(lr: float, seed: int, label=label, overrides=overrides, i=i) -> TrainRun:
-                tag = f"{label.split(' ')[0].replace('+', '_')}_lr{lr:g}_s{seed}"
-                run = bench.run(tag, [*overrides, f"{OPT}.lr={lr}", f"run.seed={seed}"])
-                loads.append(run.load)
-                log(
-                    f"[{i}/{len(plan)}] {label} lr {lr:g} seed {seed}: {run.wall_s:.0f} s, val "
-                    f"{run.final('val/loss'):.4f}, load {run.load[0]:.1f}->{run.load[1]:.1f}"
-                )
-                return run
+            train = partial(train_row, bench, label, overrides, f"[{i}/{len(plan)}]", log, loads)
 
             plain = label.removesuffix("+comm")
             if plain != label:  # the same optimizer, its gradients sent projected: its rate
