@@ -32,7 +32,7 @@ from presso.kernels.packing import pack_int32, unpack_int32
 from presso.kernels.wquant_matmul import (
     TRITON_DTYPES,
     dense_matmul,
-    dequantize_weight,
+    dequantize_codes,
     fp32_matmul,
 )
 
@@ -101,10 +101,7 @@ def dequantize_24(
 ) -> torch.Tensor:
     """The dense fp32 ``[N, K]`` weight, exact zeros where pruned."""
     codes, mask = decompress_24(values, positions, in_features, bits)
-    w = dequantize_weight(
-        pack_int32(codes, bits), weight_scale, weight_zero_point, bits, group_size, in_features
-    )
-    return w * mask
+    return dequantize_codes(codes, weight_scale, weight_zero_point, bits, group_size) * mask
 
 
 def sparse24_matmul_reference(

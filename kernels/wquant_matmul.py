@@ -72,9 +72,21 @@ def dequantize_weight(
     in_features: int,
 ) -> torch.Tensor:
     """The dense fp32 ``[N, K]`` weight the packed tensors stand for."""
+    codes = unpack_int32(weight_packed, bits, in_features)
+    return dequantize_codes(codes, weight_scale, weight_zero_point, bits, group_size)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The dense fp32 weight of unpacked ``codes`` ``[N, K]`` (``q + 2**(bits-1)``)."""
     offset = 1 << (bits - 1)
-    q = unpack_int32(weight_packed, bits, in_features).to(torch.int32) - offset
-    n = weight_packed.shape[0]
+    n, in_features = codes.shape
+    q = codes.to(torch.int32) - offset
     if weight_zero_point is None:
         zp = torch.zeros_like(weight_scale, dtype=torch.int32)
     else:
