@@ -2,7 +2,7 @@
 other and llm-compressor, with 1 and 2 compression workers.
 
     python bench/ptq.py [--quick] [--calib-samples N] [--eval-tokens N] [--no-peers]
-    python bench/ptq.py --model gemma3-270m     # Gemma-3-270M: fp32 and GPTQ W4 g64
+    python bench/ptq.py --model gemma3-270m --workers 2   # Gemma-3-270M: fp32, GPTQ W4 g64
     python bench/ptq.py --rows "gptq W3,llmc gptq W3"   # some rows; the others are kept
     python bench/ptq.py --rows "gptq W4,llmc gptq W4" --seeds 3   # each on 3 calibration draws
 
@@ -315,6 +315,13 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=1, help="calibration draws per row (seeds 0..N-1; default 1)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        help="compression workers for presso's rows (default: 1 and 2 in a one-draw run, which "
+        "checks their speed and equal records; 2 otherwise)",
+    )
     args = parser.parse_args()
     samples = args.calib_samples or (4 if args.quick else 16)
     eval_tokens = args.eval_tokens or (4096 if args.quick else 8192)
@@ -430,7 +437,7 @@ def main() -> None:
                 per_seed.append(peer_row(row, folder, calib, evaluate, linears))
             else:  # 1 and 2 workers (and their check) in a one-draw run: its subject is speed
                 both = args.seeds == 1 and (not args.quick or row.method in QUICK_BOTH)
-                workers = [1, 2] if both else [2]
+                workers = [args.workers] if args.workers else [1, 2] if both else [2]
                 per_seed.append(presso_row(row, model, calib, evaluate, workers, checks))
         values = {**per_seed[0], **over_seeds(per_seed)}
         out = {"method": row.method, "bits": row.bits, "group_size": row.group_size}
