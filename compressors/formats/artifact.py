@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import presso
 from presso import UnsupportedError
 from presso.compressors.formats.integrity import sealed_folder, verify_manifest
+from presso.compressors.ptq.architectures import registered
 from presso.compressors.registry import stored_format
 
 WEIGHTS = "model.safetensors"
@@ -62,7 +63,9 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 def storage_dtype(model: torch.nn.Module, dtype: str | torch.dtype = "auto") -> torch.dtype:
     """The dtype of every floating tensor presso does not compress. ``auto`` is the model's own
     half precision: its parameters' dtype when that is fp16 or bf16 already; for an fp32 model,
-    bf16 if its config declares bf16 (it was trained so), else fp16 (as llm-compressor stores).
+    bf16 if its config declares bf16 (it was trained so) or its architecture's activations do not
+    fit fp16 (Gemma: the artifact, computed in its storage dtype, would give NaN), else fp16 (as
+    llm-compressor stores).
     transformers overwrites ``config.dtype`` with the dtype a model is loaded in: callers that
     loaded a bf16 checkpoint in fp32 pass ``"bfloat16"`` (the orchestrator reads the folder's
     ``config.json``)."""
@@ -78,7 +81,10 @@ def storage_dtype(model: torch.nn.Module, dtype: str | torch.dtype = "auto") -> 
     if own:
         return own.pop()
     declared = getattr(getattr(model, "config", None), "dtype", None)
-    return torch.bfloat16 if str(declared).removeprefix("torch.") == "bfloat16" else torch.float16
+    if str(declared).removeprefix("torch.") == "bfloat16":
+        return torch.bfloat16
+    architecture = registered(model)
+    return torch.bfloat16 if architecture and not architecture.fits_fp16 else torch.float16
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

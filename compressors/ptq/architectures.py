@@ -44,6 +44,8 @@ class Architecture:
     groups: Sequence[tuple[str, Sequence[str]]] = ()
     no_clip: Sequence[str] = ()  # linears AWQ leaves unclipped (q/k: the softmax amplifies)
     norm_offset: float = 0.0  # the block's norms scale by (norm_offset + weight); Gemma: 1
+    # False where hidden states outgrow fp16 (max 65,504): half precision must then be bf16
+    fits_fp16: bool = True
     # the input embedding and the output head: one tensor when the config ties them
     embeddings: str = "model.embed_tokens"
     lm_head: str = "lm_head"
@@ -103,7 +105,8 @@ LLAMA = Architecture(
     no_clip=["self_attn.q_proj", "self_attn.k_proj"],
 )
 # Gemma: the MLP reads pre_feedforward_layernorm (post_attention_layernorm normalises the attention
-# output before the residual add), and its RMSNorms scale by (1 + weight).
+# output before the residual add), and its RMSNorms scale by (1 + weight). Its residual stream
+# outgrows fp16 (Gemma-3-270M: max |hidden state| 1.0e5 by block 15 on Hamlet; NaN in fp16).
 GEMMA2 = Architecture(
     blocks="model.layers",
     groups=[
@@ -114,6 +117,7 @@ GEMMA2 = Architecture(
     ],
     no_clip=LLAMA.no_clip,
     norm_offset=1.0,
+    fits_fp16=False,
 )
 # Phi-3 fuses q/k/v and gate/up into one linear each: v → o and up → down would fold into a
 # slice of a fused layer's rows, which a group cannot say, so only the norm groups are scaled.
@@ -177,21 +181,26 @@ def register_architecture(
     ARCHITECTURES[model_type] = description
 
 
+def registered(model: torch.nn.Module) -> Architecture | None:
+    """The registered description of the model's ``model_type``, or None."""
+    config = getattr(model, "config", None)
+    found = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return found if found is None or isinstance(found, Architecture) else found(config)
+
+
 def architecture_of(
     model: torch.nn.Module, architecture: Architecture | None = None
 ) -> Architecture:
     """``architecture`` if given, else the registered description of the model's config's
     ``model_type``; checked against the model either way."""
     if architecture is None:
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        found = ARCHITECTURES.get(model_type)
-        if found is None:
+        architecture = registered(model)
+        if architecture is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
             what = f"model_type {model_type!r}" if model_type else "a model without a HF config"
             raise UnsupportedError(
                 f"{type(model).__name__} ({what}): no architecture description; presso knows "
                 f"{sorted(ARCHITECTURES)}. To compress it, {HOW_TO_DESCRIBE}"
             )
-        architecture = found if isinstance(found, Architecture) else found(config)
     architecture.check(model)
     return architecture
