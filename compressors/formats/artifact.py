@@ -29,6 +29,7 @@ import presso
 from presso import UnsupportedError
 from presso.compressors.formats.integrity import sealed_folder, verify_manifest
 from presso.compressors.ptq.architectures import registered
+from presso.compressors.quant.primitives import FLOAT_DTYPES
 from presso.compressors.registry import stored_format
 
 WEIGHTS = "model.safetensors"
@@ -57,7 +58,7 @@ def _tied_duplicates(model: torch.nn.Module) -> set[str]:
     return dups
 
 
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = FLOAT_DTYPES
 
 
 def storage_dtype(model: torch.nn.Module, dtype: str | torch.dtype = "auto") -> torch.dtype:

@@ -64,13 +64,11 @@ class AdaDim(GridSettings):
         out = []
         if _fits(k, self.group_size):
             if self.method == "rtn":
-                out.append(RTN(self.bits, self.group_size, self.symmetric).compress(weight))
+                out.append(RTN(**self.grid_settings()).compress(weight))
             else:
                 gptq = GPTQ(  # in input order, like the input-channel candidate below
-                    self.bits,
-                    self.group_size,
-                    self.symmetric,
-                    self.damp,
+                    **self.grid_settings(),
+                    damp=self.damp,
                     act_order=False,
                     blocksize=self.blocksize,
                 )
@@ -78,7 +76,7 @@ class AdaDim(GridSettings):
         if _fits(n, self.group_size):
             g = n if self.group_size == PER_CHANNEL else self.group_size
             if self.method == "rtn":
-                inner = RTN(self.bits, g, self.symmetric).compress(weight.T.contiguous())
+                inner = RTN(**self.grid_settings(group_size=g)).compress(weight.T.contiguous())
             else:
                 h = stats.hessian()
                 q, scale, zero = gptq_quantize(
@@ -91,6 +89,7 @@ class AdaDim(GridSettings):
                     blocksize=self.blocksize,
                     input_channel=True,
                     name=name,
+                    scale_dtype=self.scale_torch_dtype,
                 )
                 inner = QuantizedWeight(q.T.contiguous(), scale, zero, self.bits, g, self.symmetric)
             out.append(InputChannelQuantizedWeight(inner))

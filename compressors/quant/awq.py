@@ -48,9 +48,11 @@ from presso.compressors.registry import check_range, register
 log = logging.getLogger(__name__)
 
 
-def fake_quant(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+def fake_quant(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype=torch.float16
+) -> torch.Tensor:
     """``w`` rounded to its own min-max grid (what RTN would store), as floats."""
-    scale, zero = fit_grid(w, bits, group_size, symmetric)
+    scale, zero = fit_grid(w, bits, group_size, symmetric, scale_dtype)
     return dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size)
 
 
@@ -139,7 +141,7 @@ class AWQ(GridSettings):
 
     def _quant(self, k: int, name: str):
         g = resolve_group_size(k, self.group_size, name)
-        return g, lambda w: fake_quant(w, self.bits, g, self.symmetric)
+        return g, lambda w: fake_quant(w, self.bits, g, self.symmetric, self.scale_torch_dtype)
 
     def transform_block(
         self,
@@ -191,4 +193,4 @@ class AWQ(GridSettings):
 
     def compress(self, weight: torch.Tensor, stats=None, name: str = "layer") -> QuantizedWeight:
         """As the recipe's solver: round the transformed weight with RTN on AWQ's grid."""
-        return RTN(self.bits, self.group_size, self.symmetric).compress(weight, None, name)
+        return RTN(**self.grid_settings()).compress(weight, None, name)

@@ -49,7 +49,7 @@ class EmbeddingQuant(GridSettings):
     def compress_embeddings(self, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
         """Records of the embedding (and an untied lm_head); the model's weights are replaced by
         their dequantized values, as the layer solvers leave theirs."""
-        rtn = RTN(self.bits, self.group_size, self.symmetric)
+        rtn = RTN(**self.grid_settings())
         records = {}
         for name, module in self.embedding_layers(model).items():
             records[name] = rtn.compress(module.weight.detach(), name=name)

@@ -52,19 +52,21 @@ class GridRounder:
     fitted when the column is reached.
     """
 
-    def __init__(self, w, bits, group_size, symmetric, perm, static, input_channel):
+    def __init__(
+        self, w, bits, group_size, symmetric, perm, static, input_channel, scale_dtype=torch.float16
+    ):
         n, k = w.shape
-        self.bits, self.g, self.sym = bits, group_size, symmetric
+        self.bits, self.g, self.sym, self.scale_dtype = bits, group_size, symmetric, scale_dtype
         self.qmin, self.qmax = code_range(bits)
         self.perm, self.static, self.input_channel = perm, static, input_channel
         self.q = torch.empty(n, k, dtype=torch.int8)
         if input_channel:
-            self.scale = torch.empty(k, n // group_size, dtype=torch.float16)
+            self.scale = torch.empty(k, n // group_size, dtype=scale_dtype)
             self.zero = torch.empty(k, n // group_size, dtype=torch.int32)
         elif static:
-            self.scale, self.zero = fit_grid(w, bits, group_size, symmetric)
+            self.scale, self.zero = fit_grid(w, bits, group_size, symmetric, scale_dtype)
         else:
-            self.scale = torch.empty(n, k // group_size, dtype=torch.float16)
+            self.scale = torch.empty(n, k // group_size, dtype=scale_dtype)
             self.zero = torch.empty(n, k // group_size, dtype=torch.int32)
         # fp32 copies for the per-column hot path; the arithmetic equals dequantize()'s exactly
         self.scale_f, self.zero_f = self.scale.float(), self.zero.float()
@@ -76,14 +78,14 @@ class GridRounder:
         """Codes and dequantized values of sweep column ``j``; ``ahead`` starts at ``col``."""
         orig = int(self.perm[j])
         if self.input_channel:
-            s, z = fit_grid(col.unsqueeze(0), self.bits, self.g, self.sym)  # [1, n / g]
+            s, z = fit_grid(col.unsqueeze(0), self.bits, self.g, self.sym, self.scale_dtype)
             q = quantize(col.unsqueeze(0), s, z, self.bits, self.g)
             self.scale[orig], self.zero[orig] = s[0], z[0]
             self.q[:, orig] = q[0]
             return dequantize(q, s, z, self.g)[0]
         grp = orig // self.g
         if not self.static and orig % self.g == 0:
-            s, z = fit_grid(ahead[:, : self.g], self.bits, self.g, self.sym)
+            s, z = fit_grid(ahead[:, : self.g], self.bits, self.g, self.sym, self.scale_dtype)
             self.scale[:, grp], self.zero[:, grp] = s[:, 0], z[:, 0]
             self.scale_f[:, grp], self.zero_f[:, grp] = s[:, 0], z[:, 0]
         s, z = self.scale_f[:, grp], self.zero_f[:, grp]
@@ -103,6 +105,7 @@ def gptq_quantize(
     blocksize: int = 128,
     input_channel: bool = False,
     name: str = "layer",
+    scale_dtype: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` int8, scales and zero points of ``w`` solved against Hessian ``h``.
 
@@ -116,7 +119,7 @@ def gptq_quantize(
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     # Grids fixed up front: per-channel (the whole row is one group) and act-order static groups.
     static = not input_channel and (act_order or group_size == k)
-    rounder = GridRounder(w, bits, group_size, symmetric, perm, static, input_channel)
+    rounder = GridRounder(w, bits, group_size, symmetric, perm, static, input_channel, scale_dtype)
     u = inverse_cholesky(h[perm][:, perm], damp, name)
     if not (static or input_channel):
         blocksize = aligned_blocksize(group_size, blocksize)
@@ -157,5 +160,6 @@ class GPTQ(GridSettings):
             self.act_order,
             self.blocksize,
             name=name,
+            scale_dtype=self.scale_torch_dtype,
         )
         return QuantizedWeight(q, scale, zero, self.bits, g, self.symmetric)

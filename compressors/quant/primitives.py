@@ -9,7 +9,7 @@ map ``[min, max]`` (widened to include 0) onto the whole code range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -17,6 +17,7 @@ from presso import ConfigError, UnsupportedError
 from presso.compressors.registry import check_range
 
 PER_CHANNEL = -1  # group_size value meaning "one group spanning the whole row"
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -109,11 +110,26 @@ class GridSettings:
     bits: int = 4  # code width, 2..8
     group_size: int = 128  # input columns sharing a scale; -1 for one scale per output row
     symmetric: bool = True  # zero point fixed at 0 (else a per-group zero point is stored)
+    scale_dtype: str = "float16"  # stored scales: float16, bfloat16 or float32 (more bytes)
 
     def validate(self, prefix: str) -> None:
         check_range(f"{prefix}.bits", self.bits, 2, 8)
         if self.group_size != PER_CHANNEL and self.group_size <= 0:
             raise ConfigError(f"{prefix}.group_size: must be positive or -1, got {self.group_size}")
+        if self.scale_dtype not in FLOAT_DTYPES:
+            raise ConfigError(
+                f"{prefix}.scale_dtype: must be one of {sorted(FLOAT_DTYPES)}, "
+                f"got {self.scale_dtype!r}"
+            )
+
+    def grid_settings(self, **changes) -> dict:
+        """These grid settings as keywords (with ``changes``), to build another quantizer on the
+        same grid: ``RTN(**self.grid_settings())``."""
+        return {f.name: getattr(self, f.name) for f in fields(GridSettings)} | changes
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.scale_dtype]
 
     def check_shape(self, out_features: int, in_features: int, name: str) -> None:
         """Raise ``UnsupportedError`` before any work if the layer's shape cannot be gridded."""

@@ -19,6 +19,6 @@ class RTN(GridSettings):
     def compress(self, weight: torch.Tensor, stats=None, name: str = "layer") -> QuantizedWeight:
         """Quantize one ``[out, in]`` weight; ``stats`` is unused (RTN needs no data)."""
         g = resolve_group_size(weight.shape[1], self.group_size, name)
-        scale, zero = fit_grid(weight, self.bits, g, self.symmetric)
+        scale, zero = fit_grid(weight, self.bits, g, self.symmetric, self.scale_torch_dtype)
         q = quantize(weight, scale, zero, self.bits, g)
         return QuantizedWeight(q, scale, zero, self.bits, g, self.symmetric)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from presso import UnsupportedError
+from presso import ConfigError, UnsupportedError
 from presso.compressors.formats.spqr import SpQRWeight, quantize_stats
 from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.ptq.obs import aligned_blocksize, dead_columns, inverse_cholesky, obs_sweep
@@ -118,6 +118,7 @@ class SpQR(GridSettings):
     bits: int = 3  # code width, 2..8
     group_size: int = 16  # input columns sharing a (quantized) scale; small, as in SpQR
     symmetric: bool = False  # zero point fixed at 0 (else zero points are stored, quantized)
+    scale_dtype: str = "float16"  # its second-level grids' dtype; only float16
     outlier_fraction: float = 0.01  # share of weights kept in fp16 as a sparse list
     stat_bits: int = 3  # code width of the quantized scales and zero points
     stat_group: int = 16  # consecutive rows sharing one second-level (fp16) grid
@@ -128,6 +129,11 @@ class SpQR(GridSettings):
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        if self.scale_dtype != "float16":
+            raise ConfigError(
+                f"{prefix}.scale_dtype: spqr stores its scales as {self.stat_bits}-bit codes on "
+                "float16 grids; only 'float16' applies (use gptq for float32 scales)"
+            )
         check_range(f"{prefix}.group_size", self.group_size, 1, 1 << 16)
         check_range(f"{prefix}.outlier_fraction", self.outlier_fraction, 0.0, 0.5)
         check_range(f"{prefix}.stat_bits", self.stat_bits, 1, 8)

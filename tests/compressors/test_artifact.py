@@ -125,3 +125,18 @@ def test_rewrite_replaces_atomically(tiny_llama, tmp_path):
     save_compressed(tiny_llama, records, tmp_path / "art")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp folders left behind
     presso.load_compressed(tmp_path / "art")
+
+
+def test_float32_scales_are_stored_as_float32(tiny_llama, tmp_path):
+    """``scale_dtype: float32`` buys accuracy with bytes: the artifact must keep the scales in
+    fp32 whatever the storage dtype of the uncompressed tensors, and reload to the same model."""
+    records = _compress(tiny_llama, RTN(bits=3, group_size=32, scale_dtype="float32"))
+    save_compressed(tiny_llama, records, tmp_path / "art", dtype=torch.float16)
+    stored = load_file(tmp_path / "art" / "model.safetensors")
+    scales = {n: t.dtype for n, t in stored.items() if n.endswith("weight_scale")}
+    assert scales and set(scales.values()) == {torch.float32}
+    packed = presso.load_compressed(tmp_path / "art", dtype=torch.float32)
+    _as_stored(tiny_llama, records, torch.float16)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, tiny_llama(ids).logits)
