@@ -31,8 +31,9 @@ threads (both cores) in one process; its wall seconds are in ``wall_s_2w``.
 
 ``--model gemma3-270m`` measures Gemma-3-270M (Q4_K_M GGUF dequantized to fp32; width 640, so
 g64 fits it too) the same way, by default fp32 and GPTQ W4 g64, every window led by BOS as Gemma
-needs. ``--rows`` runs only the named rows (labels as in the table: ``gptq W4``, ``llmc gptq W3``,
-``sparsegpt 2:4``) and keeps the model's other rows from an earlier run with the same settings.
+needs; its artifact (stored in bf16) is evaluated with fp32 compute. ``--rows`` runs only the
+named rows (labels as in the table: ``gptq W4``, ``llmc gptq W3``, ``sparsegpt 2:4``) and keeps
+the model's other rows from an earlier run with the same settings.
 ``gptq scale32`` rows are GPTQ with ``scale_dtype: float32``: the scales stored as
 llm-compressor stores them for an fp32 model, at 0.25 bit/weight more than fp16 ones at g64.
 
@@ -56,8 +57,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from harness import LICENSES, RESULTS, second_domain, spread
@@ -119,13 +122,25 @@ PEERS = [
 QUICK_BOTH = {"gptq"}  # --quick measures 1 and 2 workers for these rows only
 
 
-def _models() -> dict:
+class Subject(NamedTuple):
+    description: str
+    folder: Callable[[], Path]  # its fp32 folder, fetched once
+    eval_batch: int
+    artifact_dtype: torch.dtype | None  # compute dtype of the reloaded artifact; None: as stored
+
+
+def _models() -> dict[str, Subject]:
     from presso.orchestrator.models import gemma3_folder, smollm2_folder
 
-    return {  # name: (description, its fp32 folder, evaluation batch size)
-        "smollm2": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", smollm2_folder, 4),
-        # 262k-token vocabulary: a window's logits take 0.5 GB
-        "gemma3-270m": ("Gemma-3-270M (GGUF Q4_K_M dequantized to fp32)", gemma3_folder, 1),
+    return {
+        "smollm2": Subject(
+            "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", smollm2_folder, 4, None
+        ),
+        # 262k-token vocabulary: a window's logits take 0.5 GB. Its artifact is stored in bf16,
+        # whose matmuls on a CPU without bf16 units take many times fp32's: computed in fp32
+        "gemma3-270m": Subject(
+            "Gemma-3-270M (GGUF Q4_K_M dequantized to fp32)", gemma3_folder, 1, torch.float32
+        ),
     }
 
 
@@ -148,7 +163,7 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
-def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
+def presso_row(row, model, calib, evaluate, workers_list, checks, dtype=None) -> dict:
     from presso import load_compressed
     from presso.compressors.formats.artifact import save_compressed
     from presso.orchestrator.compress import run_compression
@@ -168,11 +183,13 @@ def presso_row(row, model, calib, evaluate, workers_list, checks) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="presso-ptq-"))
     try:
         info = save_compressed(result.model, result.records, folder / "artifact")
-        ppl = evaluate(load_compressed(folder / "artifact"))
+        ppl = evaluate(load_compressed(folder / "artifact", dtype=dtype))
         if row.method == "gptq" and row.bits == 4:  # the artifact reproduces the model it saved
-            checks["gptq W4: reloaded artifact ppl == in-memory ppl"] = (
-                ppl["ppl"] == evaluate(result.model, domains=("test",))["ppl"]
-            )
+            # up to the half-precision storage of the tensors left uncompressed (norms, embedding)
+            in_memory = evaluate(result.model, domains=("test",))["ppl"]
+            off = abs(ppl["ppl"] / in_memory - 1)
+            checks[f"gptq W4: reloaded artifact ppl within 0.5 % of the in-memory fp32 model's "
+                   f"({ppl['ppl']:.3f} vs {in_memory:.3f})"] = off <= 0.005  # fmt: skip
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {
@@ -341,7 +358,7 @@ def main() -> None:
     from presso.orchestrator.models import load_pretrained
 
     torch.set_num_threads(2)
-    description, source, eval_batch = MODELS[args.model]
+    description, source, eval_batch, artifact_dtype = MODELS[args.model]
     folder = source()
     model, tokenizer = load_pretrained(folder)
     works = data.load_works(None)
@@ -407,6 +424,7 @@ def main() -> None:
         if "lic" in texts
         else None,
         "bos_led_windows": corpus.bos is not None,
+        "artifact_compute": str(artifact_dtype or "as stored").removeprefix("torch."),
         "presso_workers": "Ray actors with 1 torch thread each; driver 2 threads",
         "peers": "llm-compressor oneshot in-process, 2 torch threads; its wall is wall_s_2w",
         "cores": os.cpu_count(),
@@ -442,7 +460,9 @@ def main() -> None:
             else:  # 1 and 2 workers (and their check) in a one-draw run: its subject is speed
                 both = args.seeds == 1 and (not args.quick or row.method in QUICK_BOTH)
                 workers = [args.workers] if args.workers else [1, 2] if both else [2]
-                per_seed.append(presso_row(row, model, calib, evaluate, workers, checks))
+                per_seed.append(
+                    presso_row(row, model, calib, evaluate, workers, checks, artifact_dtype)
+                )
         values = {**per_seed[0], **over_seeds(per_seed)}
         out = {"method": row.method, "bits": row.bits, "group_size": row.group_size}
         out.update(sparsity=row.sparsity, **ratios(values, base))
