@@ -64,7 +64,10 @@ def test_missing_job_file(tmp_path):
 def test_overrides_apply_on_top_of_the_job():
     cfg = load_config(JOB, ["train.steps=7", "compress.recipe=[{rtn: {bits: 3, group_size: 32}}]"])
     assert cfg.train.steps == 7
-    assert cfg.compress.recipe == [{"rtn": {"bits": 3, "group_size": 32, "symmetric": True}}]
+    [entry] = cfg.compress.recipe
+    assert list(entry) == ["rtn"]
+    # the overridden settings, with the algorithm's defaults filled in around them
+    assert entry["rtn"] | {"bits": 3, "group_size": 32, "symmetric": True} == entry["rtn"]
     assert cfg.model.source == "scratch"  # from the job file
 
 
