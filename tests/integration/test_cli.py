@@ -58,7 +58,7 @@ def test_run_logs_everything_to_a_real_server(mlflow_server, tmp_path):
     # every setting spelled out, defaults included: the run records exactly what ran
     assert (
         parent.data.params["compress.recipe"]
-        == "[{'rtn': {'bits': 4, 'group_size': 32, 'symmetric': True}}]"
+        == "[{'rtn': {'bits': 4, 'group_size': 32, 'symmetric': True, 'scale_dtype': 'float16'}}]"
     )
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "config.yaml",
