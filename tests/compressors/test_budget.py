@@ -15,7 +15,7 @@ import presso.compressors.plan.knapsack as solver
 import presso.compressors.plan.planner as budget
 from presso import ConfigError, UnsupportedError
 from presso.compressors.formats.artifact import save_compressed
-from presso.compressors.plan.candidates import CandidateGrid, measure_layer
+from presso.compressors.plan.candidates import CandidateGrid, measure_layer, solver_error
 from presso.compressors.plan.planner import (
     BudgetConfig,
     Planner,
@@ -280,7 +280,7 @@ def test_weighted_errors_are_each_outputs_error_times_its_weight():
     stats = HessianStats.empty(32)
     stats.update(x)
     grid = CandidateGrid(bits=[3], group_sizes=[-1], symmetric=[True], sparse_patterns=[],
-                         lowrank_energy=[], dense=False)  # fmt: skip
+                         lowrank_energy=[], dense=False, solver_scaled=False)  # fmt: skip
     plain = measure_layer(weight, stats, grid)
     assert measure_layer(weight, stats, grid, row_weights=torch.ones(6))[0].error == (
         pytest.approx(plain[0].error, rel=1e-6)
@@ -292,6 +292,30 @@ def test_weighted_errors_are_each_outputs_error_times_its_weight():
     assert measure_layer(weight, stats, grid, row_weights=one_row)[0].error == pytest.approx(
         5.0 * row_error, rel=1e-4
     )
+
+
+def test_solver_scaled_errors_are_the_solvers_on_each_kinds_median_candidate():
+    """The planner must weigh a layer by the error GPTQ / SparseGPT will leave, not by the
+    round-to-nearest error: the median candidate of each kind gets exactly its solver's error,
+    and the kind's other candidates keep their data-free ratios to it (the ranking inside a
+    layer is the data-free one, the level across layers the solver's)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), torch.randn(400, 64)
+    x[:, :8] *= 6  # a few loud inputs: GPTQ's compensation then differs clearly from RTN's
+    stats = HessianStats.empty(64)
+    stats.update(x)
+    settings = dict(bits=[2, 3, 4], group_sizes=[32, -1], lowrank_energy=[], dense=False,
+                    sparse_bits=[0, 4])  # fmt: skip
+    free = measure_layer(weight, stats, CandidateGrid(**settings, solver_scaled=False))
+    scaled = measure_layer(weight, stats, CandidateGrid(**settings))
+    for kind in ("quant", "sparse"):
+        pairs = [(f, s) for f, s in zip(free, scaled) if f.candidate.kind == kind]
+        anchor = sorted(pairs, key=lambda p: p[0].error)[len(pairs) // 2]
+        solved = solver_error(anchor[0], weight, stats, 0.01)
+        assert anchor[1].error == pytest.approx(solved, rel=1e-6)
+        assert solved < 0.9 * anchor[0].error  # the solver does better than rounding
+        ratio = anchor[1].error / anchor[0].error
+        assert all(s.error == pytest.approx(f.error * ratio, rel=1e-6) for f, s in pairs)
 
 
 def test_the_plan_spends_bytes_where_the_loss_is_sensitive(planned):
