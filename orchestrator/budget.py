@@ -1,8 +1,10 @@
 """The compress stage under ``compress.budget``: measure on the workers, plan, solve.
 
-1. **Measure**: one forward and backward pass of the dense model on the driver weighs each
-   layer's outputs by the loss (:func:`~presso.compressors.plan.planner.output_sensitivity`, unless
-   ``compress.candidates.error: output``); then the distributed PTQ pipeline runs with
+1. **Measure** (:func:`measure_candidates`): one forward and backward pass of the dense model
+   weighs each layer's outputs by the loss
+   (:func:`~presso.compressors.plan.planner.output_sensitivity`, unless
+   ``compress.candidates.error: output``), data-parallel over the workers (one task per shard
+   of the calibration batches, summed in shard order); then the distributed PTQ pipeline runs with
    :class:`~presso.compressors.plan.planner.CandidateMeasurer` as its solver. That is one calibration pass
    over the dense model (statistics data-parallel over shards, as for any recipe), with every
    layer's candidates measured on the workers, layer-parallel like solves.
@@ -24,6 +26,7 @@ import math
 import time
 
 from presso import ConfigError, IntegrityError, UnsupportedError
+from presso.compressors.plan.candidates import CandidateGrid, Option
 from presso.compressors.plan.planner import (
     BudgetPlan,
     CandidateMeasurer,
@@ -32,15 +35,18 @@ from presso.compressors.plan.planner import (
     output_sensitivity,
     parse_bytes,
     planned_layers,
+    sensitivity_of,
+    sensitivity_sums,
 )
 from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
 from presso.orchestrator.models import storage_dtype
+from presso.orchestrator.pool import Task, WorkerPool
 
 
-def measuring_recipe(cfg, sensitivity: dict | None = None) -> Recipe:
+def measuring_recipe(grid: CandidateGrid, sensitivity: dict | None = None) -> Recipe:
     """The recipe of the measuring pass (``sensitivity``: the loss weights, once computed)."""
-    return Recipe([], CandidateMeasurer(cfg.compress.candidates, sensitivity))
+    return Recipe([], CandidateMeasurer(grid, sensitivity))
 
 
 def check_budget(cfg, model, tokenizer, dtype: str = "auto") -> None:
@@ -85,31 +91,82 @@ def _solve(cfg, plan, budget_plan: BudgetPlan, progress) -> CompressResult:
     )
 
 
+def loss_weights(
+    model, calibration: list, ignore, workers: int, shards: int = 8, threads: int = 1
+) -> dict:
+    """:func:`~presso.compressors.plan.planner.output_sensitivity` with one task per shard of the
+    calibration batches on ``workers`` actors (0: in this process), summed in shard order."""
+    if not workers:
+        return output_sensitivity(model, calibration, ignore)
+    import ray
+
+    count = min(shards, len(calibration))
+    bounds = [len(calibration) * i // count for i in range(count + 1)]
+    pool = WorkerPool(workers, threads)
+    try:
+        model_ref = ray.put(model)
+        live = pool.live()
+        tasks = [
+            Task(live[i % len(live)], sensitivity_sums,
+                 (model_ref, calibration[bounds[i]:bounds[i + 1]], list(ignore)))
+            for i in range(count)
+        ]  # fmt: skip
+        return sensitivity_of(pool.run(tasks))
+    finally:
+        pool.close()
+
+
+def measure_candidates(
+    model,
+    calibration: list,
+    grid: CandidateGrid,
+    ignore,
+    workers: int,
+    shards: int = 8,
+    threads: int = 1,
+    progress=None,
+    layers=None,
+) -> dict[str, list[Option]]:
+    """Every planned layer's measured candidates: the loss weights (if ``grid.error`` is
+    ``loss``), then one calibration pass of the dense model with the measurements spread over
+    the workers, layer-parallel like solves (``layers``: the checked plan, if the caller has it)."""
+    sensitivity = None
+    if grid.error == "loss":
+        print("presso: weighing each layer's outputs by the loss (one backward pass)", flush=True)
+        tick = time.perf_counter()
+        sensitivity = loss_weights(model, calibration, ignore, workers, shards, threads)
+        print(f"presso: loss weights in {time.perf_counter() - tick:.0f} s", flush=True)
+    print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
+    measured = run_compression(
+        model,
+        measuring_recipe(grid, sensitivity),
+        workers,
+        ignore,
+        progress,
+        calibration,
+        shards,
+        threads,
+        layers,
+    )
+    return {name: record.options for name, record in measured.records.items()}
+
+
 def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPlan]:
     """Measure, plan and solve; returns the solved result and the plan it followed. ``run``
     (an MLflow stage run) gets the plan's table and heat map; None logs nowhere."""
     c = cfg.compress
     b = c.budget
-    sensitivity = None
-    if c.candidates.error == "loss":
-        print("presso: weighing each layer's outputs by the loss (one backward pass)", flush=True)
-        tick = time.perf_counter()
-        sensitivity = output_sensitivity(plan.model, plan.calibration, c.ignore)
-        print(f"presso: loss weights in {time.perf_counter() - tick:.0f} s", flush=True)
-    print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
-    measured = run_compression(
+    options = measure_candidates(
         plan.model,
-        measuring_recipe(cfg, sensitivity),
-        c.workers,
-        c.ignore,
-        progress,
         plan.calibration,
+        c.candidates,
+        c.ignore,
+        c.workers,
         c.calibration.shards,
         c.threads_per_worker,
+        progress,
         plan.layers,
     )
-    options = {name: record.options for name, record in measured.records.items()}
-    del measured
     dtype = storage_dtype(c.dtype, plan.source)
     planner = Planner(plan.model, options, plan.tokenizer, dtype)
     result, search = None, None

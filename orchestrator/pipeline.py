@@ -157,7 +157,11 @@ def preflight(cfg: PressoConfig, stages: tuple[str, ...]) -> Preflight:
     recipe = None
     if "compress" in stages:
         budgeted = cfg.compress.budget is not None
-        recipe = measuring_recipe(cfg) if budgeted else Recipe.parse(recipe_algorithms(cfg))
+        recipe = (
+            measuring_recipe(cfg.compress.candidates)
+            if budgeted
+            else Recipe.parse(recipe_algorithms(cfg))
+        )
     source = models.resolve_source(cfg.model)
     packed = source is not None and models.is_artifact(source)
     if packed and ("compress" in stages or "train" in stages):

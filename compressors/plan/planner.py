@@ -124,7 +124,15 @@ def output_sensitivity(
     the loss increase, ``Δ(mean loss) ≈ ½ Σᵢ fᵢ (Δ H Δᵀ)ᵢᵢ``, comparable across layers: an error in
     an early block's small outputs, which every later block reads, is no longer taken as cheap.
     One forward and backward pass of the dense model per batch; weights are left untouched.
+    Data-parallel: :func:`sensitivity_sums` per shard of batches, then :func:`sensitivity_of`.
     """
+    return sensitivity_of([sensitivity_sums(model, calib_batches, ignore)])
+
+
+def sensitivity_sums(
+    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``({layer: Σ (∂L/∂y)² per output, fp64}, tokens)`` over ``calib_batches``."""
     layers = planned_layers(model, ignore)
     sums = {
         name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in layers.items()
@@ -158,8 +166,15 @@ def output_sensitivity(
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
         model.train(was_training)
+    return sums, tokens
+
+
+def sensitivity_of(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """The loss weights from shards' :func:`sensitivity_sums`, summed in the order given."""
+    tokens = sum(t for _, t in parts)
     if not tokens:
         raise DataError("output_sensitivity: no calibration batches given")
+    sums = {name: sum(p[0][name] for p in parts) for name in parts[0][0]}
     return {name: (s / (2 * tokens)).float() for name, s in sums.items()}
 
 

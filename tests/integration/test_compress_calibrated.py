@@ -105,6 +105,23 @@ def test_per_layer_solvers_override_the_recipe(pools, tiny_llama, calib):
     assert {r.bits for n, r in records.items() if n != first} == {4}
 
 
+def test_loss_weights_are_the_same_on_workers_as_in_process(pools, tiny_llama, calib):
+    """The budget planner's backward pass runs data-parallel like calibration: its per-output
+    loss weights from shards on 1 or 2 workers equal the single-process pass (up to fp64
+    summation order), and the model is left untouched."""
+    from presso.compressors.plan.planner import output_sensitivity
+    from presso.orchestrator.budget import loss_weights
+
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    reference = output_sensitivity(tiny_llama, calib)
+    for workers in (1, 2):
+        spread = loss_weights(tiny_llama, calib, ["lm_head"], workers, shards=3)
+        assert spread.keys() == reference.keys()
+        for name, value in reference.items():
+            torch.testing.assert_close(spread[name], value, rtol=1e-6, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+
+
 def test_nan_activations_fail_naming_the_layer(pools, tiny_llama, calib):
     """The worker's error reaches the user as presso's own one-line DataError, not a remote
     traceback, and names the layer whose inputs the NaN reached."""
