@@ -168,10 +168,18 @@ def _compress_to_budget(model, budget: BudgetConfig, batches, tokenizer, workers
 
 
 def _packed(model: torch.nn.Module, records: dict) -> torch.nn.Module:
-    """``model`` with each recorded linear replaced by its stored format's runtime module."""
+    """``model`` with each recorded layer replaced by its stored format's runtime module, as
+    ``load_compressed`` builds them (a quantized embedding's tensors shared by a tied head)."""
+    from presso.compressors.formats.loading import replace_module, runtime_module, tie_head
+
     for name, record in records.items():
-        parent, _, child = name.rpartition(".")
-        bias = model.get_submodule(name).bias
+        target = model.get_submodule(name)
+        bias = getattr(target, "bias", None)
         bias = None if bias is None else bias.detach()
-        setattr(model.get_submodule(parent), child, record.module(bias))
+        layer = {"format": record.format, "scheme": record.scheme()}
+        dtype = target.weight.dtype
+        replace_module(
+            model, name, runtime_module(model, name, layer, record.tensors(), bias, dtype)
+        )
+    tie_head(model, records)
     return model.eval()

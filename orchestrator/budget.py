@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 
 from presso import ConfigError, IntegrityError, UnsupportedError
 from presso.compressors.plan.candidates import CandidateGrid, Option
@@ -31,12 +32,15 @@ from presso.compressors.plan.planner import (
     BudgetPlan,
     CandidateMeasurer,
     Planner,
+    layer_weights,
     min_artifact_bytes,
     output_sensitivity,
     parse_bytes,
+    planned_embedding,
     planned_layers,
     sensitivity_of,
     sensitivity_sums,
+    with_embedding,
 )
 from presso.compressors.ptq.recipe import Recipe
 from presso.orchestrator.compress import CompressResult, run_compression
@@ -64,12 +68,15 @@ def check_budget(cfg, model, tokenizer, dtype: str = "auto") -> None:
                 "raise the budget or offer cheaper candidates"
             )
     if b.avg_bits is not None:
-        layers = planned_layers(model, c.ignore).values()
-        cheapest = sum(
-            min(cand.nbytes(*lin.weight.shape) for cand in c.candidates.candidates(lin.in_features))
-            for lin in layers
-        )
-        floor = 8 * cheapest / sum(lin.weight.numel() for lin in layers)
+        offered = [  # (weight, its candidates) of every planned layer and the embedding
+            (lin.weight, c.candidates.candidates(lin.in_features))
+            for lin in planned_layers(model, c.ignore).values()
+        ]
+        if (name := planned_embedding(model, c.candidates, c.ignore)) is not None:
+            weight = model.get_submodule(name).weight
+            offered.append((weight, c.candidates.embedding_candidates(weight.shape[1])))
+        cheapest = sum(min(cand.nbytes(*w.shape) for cand in cands) for w, cands in offered)
+        floor = 8 * cheapest / sum(w.numel() for w, _ in offered)
         if b.avg_bits < floor:
             raise ConfigError(
                 f"compress.budget.avg_bits: {b.avg_bits} is below the fewest bits per weight "
@@ -81,7 +88,7 @@ def _solve(cfg, plan, budget_plan: BudgetPlan, progress) -> CompressResult:
     c = cfg.compress
     return run_compression(
         plan.model,
-        Recipe([], budget_plan.solver(c.candidates.damp)),
+        budget_plan.recipe(c.candidates.damp),
         c.workers,
         [*c.ignore, *budget_plan.ignore],
         progress,
@@ -92,12 +99,18 @@ def _solve(cfg, plan, budget_plan: BudgetPlan, progress) -> CompressResult:
 
 
 def loss_weights(
-    model, calibration: list, ignore, workers: int, shards: int = 8, threads: int = 1
+    model,
+    calibration: list,
+    ignore,
+    workers: int,
+    shards: int = 8,
+    threads: int = 1,
+    embedding: bool = False,
 ) -> dict:
     """:func:`~presso.compressors.plan.planner.output_sensitivity` with one task per shard of the
     calibration batches on ``workers`` actors (0: in this process), summed in shard order."""
     if not workers:
-        return output_sensitivity(model, calibration, ignore)
+        return output_sensitivity(model, calibration, ignore, embedding)
     import ray
 
     count = min(shards, len(calibration))
@@ -108,12 +121,22 @@ def loss_weights(
         live = pool.live()
         tasks = [
             Task(live[i % len(live)], sensitivity_sums,
-                 (model_ref, calibration[bounds[i]:bounds[i + 1]], list(ignore)))
+                 (model_ref, calibration[bounds[i]:bounds[i + 1]], list(ignore), embedding))
             for i in range(count)
         ]  # fmt: skip
         return sensitivity_of(pool.run(tasks))
     finally:
         pool.close()
+
+
+@dataclass
+class Measurement:
+    """What the measuring pass found, and what it cost."""
+
+    options: dict[str, list[Option]]  # each planned layer's (and the embedding's) candidates
+    sensitivity: dict | None  # the loss weights (None with ``error: output``)
+    loss_weights_s: float  # wall seconds of the backward pass
+    measuring_s: float  # wall seconds of the measuring pass
 
 
 def measure_candidates(
@@ -126,20 +149,25 @@ def measure_candidates(
     threads: int = 1,
     progress=None,
     layers=None,
-) -> dict[str, list[Option]]:
+) -> Measurement:
     """Every planned layer's measured candidates: the loss weights (if ``grid.error`` is
     ``loss``), then one calibration pass of the dense model with the measurements spread over
-    the workers, layer-parallel like solves (``layers``: the checked plan, if the caller has it)."""
+    the workers, layer-parallel like solves (``layers``: the checked plan, if the caller has it);
+    the tied embedding's options, when it is planned, are measured on the driver last."""
     sensitivity = None
+    embedding = planned_embedding(model, grid, ignore)
+    tick = time.perf_counter()
     if grid.error == "loss":
         print("presso: weighing each layer's outputs by the loss (one backward pass)", flush=True)
-        tick = time.perf_counter()
-        sensitivity = loss_weights(model, calibration, ignore, workers, shards, threads)
+        sensitivity = loss_weights(
+            model, calibration, ignore, workers, shards, threads, embedding is not None
+        )
         print(f"presso: loss weights in {time.perf_counter() - tick:.0f} s", flush=True)
+    weighed = time.perf_counter()
     print("presso: measuring every layer's candidates (one calibration pass)", flush=True)
     measured = run_compression(
         model,
-        measuring_recipe(grid, sensitivity),
+        measuring_recipe(grid, layer_weights(sensitivity)),
         workers,
         ignore,
         progress,
@@ -148,7 +176,13 @@ def measure_candidates(
         threads,
         layers,
     )
-    return {name: record.options for name, record in measured.records.items()}
+    options = {name: record.options for name, record in measured.records.items()}
+    options = with_embedding(options, model, grid, sensitivity, embedding)
+    done = time.perf_counter()
+    print(
+        f"presso: measured {len(options)} layers' candidates in {done - weighed:.0f} s", flush=True
+    )
+    return Measurement(options, sensitivity, weighed - tick, done - weighed)
 
 
 def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPlan]:
@@ -166,7 +200,7 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
         c.threads_per_worker,
         progress,
         plan.layers,
-    )
+    ).options
     dtype = storage_dtype(c.dtype, plan.source)
     planner = Planner(plan.model, options, plan.tokenizer, dtype)
     result, search = None, None
@@ -241,6 +275,8 @@ def choice_grid(chosen: BudgetPlan) -> tuple[list[str], list[str], list[list[flo
     rows are decoder blocks, columns the layers inside a block (q_proj, ..., down_proj)."""
     cells = {}
     for name, option in zip(chosen.names, chosen.chosen):
+        if name == chosen.embedding:  # not a block's layer; the plan's table lists it
+            continue
         _, _, rest = name.partition(".layers.")
         block, _, kind = rest.partition(".")
         kind = kind.rpartition(".")[2]  # q_proj, ..., down_proj: short column labels

@@ -66,7 +66,7 @@ def plan_layers(
     that does not divide a layer's width); weighted modules of other types are listed once.
     ``architecture``: the model type's registered description unless given."""
     plan = select_layers(model, recipe, ignore, architecture)
-    if not plan.names:
+    if not plan.names and recipe.embedding is None:
         raise UnsupportedError(
             f"compress.ignore {list(ignore)} leaves no nn.Linear layer to compress in this model"
         )

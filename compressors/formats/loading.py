@@ -53,13 +53,13 @@ def load_compressed(
         prefix = f"{name}."
         own = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         bias = own.pop("bias", None)
-        _replace(model, name, _runtime_module(model, name, layer, own, bias, dtype))
+        replace_module(model, name, runtime_module(model, name, layer, own, bias, dtype))
     for key in state:  # one cast at a time: peak is the artifact plus the largest tensor
         if state[key].is_floating_point():
             state[key] = state[key].to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     replaced = tuple(f"{name}." for name in layers)
-    missing = {k for k in missing if not k.startswith(replaced)} - _tie(model, layers)
+    missing = {k for k in missing if not k.startswith(replaced)} - tie_head(model, layers)
     if missing or unexpected:
         raise IntegrityError(
             f"artifact {folder} does not match its config: missing {sorted(missing)}, "
@@ -69,7 +69,7 @@ def load_compressed(
     return model.eval()
 
 
-def _runtime_module(model, name: str, layer: dict, own: dict, bias, dtype) -> torch.nn.Module:
+def runtime_module(model, name: str, layer: dict, own: dict, bias, dtype) -> torch.nn.Module:
     """The module computing with one stored layer; an embedding gets a quantized lookup."""
     record_type, scheme = stored_format(layer["format"]), layer["scheme"]
     bias = None if bias is None else bias.to(dtype)
@@ -81,12 +81,12 @@ def _runtime_module(model, name: str, layer: dict, own: dict, bias, dtype) -> to
     return record_type.from_tensors(own, scheme).module(bias)
 
 
-def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
 
 
-def _tie(model: torch.nn.Module, layers: dict) -> set[str]:
+def tie_head(model: torch.nn.Module, layers: dict) -> set[str]:
     """Tie the output head to the input embedding when the config says so; returns the state
     keys the tie provides. A quantized embedding lends its stored tensors to a
     :class:`QuantizedLinear` head: still one tensor in memory."""
@@ -100,7 +100,7 @@ def _tie(model: torch.nn.Module, layers: dict) -> set[str]:
     if isinstance(embedding, QuantizedEmbedding):
         tensors = {**embedding.tensors(), "weight_shape": torch.tensor(
             [embedding.num_embeddings, embedding.embedding_dim])}  # fmt: skip
-        _replace(
+        replace_module(
             model, names[id(head)], QuantizedLinear(tensors, embedding.bits, embedding.group_size)
         )
     else:

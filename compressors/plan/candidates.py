@@ -10,6 +10,10 @@ A layer of ``N`` outputs and ``K`` inputs is offered (a :class:`CandidateGrid` s
   (:mod:`presso.compressors.factor.lowrank`), ``US`` and ``V`` in fp16;
 - **dense**: the layer stays as it is.
 
+The token embedding, when tied to ``lm_head`` (one stored matrix for both), is one more decision:
+as stored, or round-to-nearest on ``embedding_bits`` grids of ``embedding_group_size`` columns
+(what the ``embedding`` recipe entry ships, so its error is exact): :func:`measure_embedding`.
+
 **Bytes** come from the shape alone (:meth:`Candidate.tensor_specs`): the exact tensors a stored
 record holds — codes, scales, zero points, masks, offsets, shape tensors — so a budget can be
 checked before any calibration. The tests hold them equal to what ``save_compressed`` stores.
@@ -183,6 +187,10 @@ class CandidateGrid:
     # scale each layer's data-free errors by the shipping solver's ratio on one candidate per
     # kind (GPTQ for grids, SparseGPT for pruning): two solves per layer, see the module docstring
     solver_scaled: bool = True
+    # the tied embedding / lm_head: code widths offered ([] keeps it as stored; planned only with
+    # error: loss, which prices both of its uses), on groups of this many hidden columns
+    embedding_bits: list[int] = field(default_factory=lambda: [8, 4])
+    embedding_group_size: int = 64
 
     def validate(self, prefix: str) -> None:
         for i, b in enumerate(self.bits):
@@ -199,6 +207,13 @@ class CandidateGrid:
             check_range(f"{prefix}.lowrank_energy[{i}]", e, 1e-6, 1.0)
         check_range(f"{prefix}.sparsity", self.sparsity, 0.01, 0.99)
         check_range(f"{prefix}.damp", self.damp, 0.0, 1.0)
+        for i, b in enumerate(self.embedding_bits):
+            check_range(f"{prefix}.embedding_bits[{i}]", b, 2, 8)
+        if self.embedding_group_size != PER_CHANNEL and self.embedding_group_size <= 0:
+            raise ConfigError(
+                f"{prefix}.embedding_group_size: must be positive or -1, "
+                f"got {self.embedding_group_size}"
+            )
         if not isinstance(self.solver_scaled, bool):
             raise ConfigError(f"{prefix}.solver_scaled: expected true or false")
         if self.error not in ("loss", "output"):
@@ -210,6 +225,12 @@ class CandidateGrid:
         """Group sizes that fit ``k`` columns; a group as wide as the row is per-row."""
         fits = {PER_CHANNEL if g in (PER_CHANNEL, k) else g for g in self.group_sizes}
         return sorted(g for g in fits if g == PER_CHANNEL or k % g == 0)
+
+    def embedding_candidates(self, k: int) -> list[Candidate]:
+        """What a tied embedding of ``k`` hidden columns is offered: its grids, and as stored."""
+        g = self.embedding_group_size
+        g = g if g != k and (g == PER_CHANNEL or k % g == 0) else PER_CHANNEL
+        return [Candidate(b, g) for b in dict.fromkeys(self.embedding_bits)] + [Candidate()]
 
     def candidates(self, k: int) -> list[Candidate]:
         """Every candidate a layer with ``k`` input columns is offered, except low-rank ones
@@ -334,3 +355,59 @@ def scale_to_solver(
     ratio = solver_error(anchor, weight, stats, damp, name, row_weights) / anchor.error
     for o in ranked:
         o.error *= ratio
+
+
+@dataclass
+class EmbeddingSensitivity:
+    """How much the loss cares about a tied embedding's error, in both of its uses: as the
+    lookup feeding block 0 (per vocabulary row and hidden column: ``rows``) and as ``lm_head``
+    (per logit: ``head``, with the mean Hessian of the head's inputs: ``head_hessian``). Sums
+    over calibration tokens while collecting (data-parallel shards add), means once normalized."""
+
+    rows: torch.Tensor  # [V, D]: Σ over the tokens of each row of (∂L/∂e)² (embedding outputs)
+    head: torch.Tensor  # [V]: Σ over tokens of (∂L/∂logit)²
+    head_hessian: torch.Tensor  # [D, D]: Σ over tokens of x xᵀ, x the lm_head input
+    scale: float = 1.0  # what the embedding module multiplies its rows by (Gemma: √D)
+
+    def __add__(self, other):
+        if isinstance(other, int) and other == 0:  # sum() starts at 0
+            return self
+        return EmbeddingSensitivity(self.rows + other.rows, self.head + other.head,
+                                    self.head_hessian + other.head_hessian, self.scale)  # fmt: skip
+
+    __radd__ = __add__
+
+    def normalized(self, tokens: int) -> EmbeddingSensitivity:
+        """Means per token; the ½ of the second-order loss estimate folded into the weights,
+        as :func:`~presso.compressors.plan.planner.output_sensitivity` does."""
+        return EmbeddingSensitivity(
+            self.rows / (2 * tokens),
+            self.head / (2 * tokens),
+            self.head_hessian / tokens,
+            self.scale,
+        )
+
+
+def measure_embedding(
+    weight: torch.Tensor, sensitivity: EmbeddingSensitivity, grid: CandidateGrid
+) -> list[Option]:
+    """The tied embedding's options: each grid's exact bytes and its estimated loss increase,
+    the lookup's ``Σ rows ⊙ (scale·Δ)²`` plus the head's ``Σᵥ headᵥ (Δ H Δᵀ)ᵥᵥ``."""
+    w = weight.detach().float()
+    n, k = w.shape
+    options = []
+    for c in grid.embedding_candidates(k):
+        specs = c.tensor_specs(n, k, weight.dtype)
+        if c.kind == "dense":
+            options.append(Option(c, spec_bytes(specs), 0.0, None, None, specs, n * k))
+            continue
+        record = c.proxy(w)
+        delta = record.dequantize() - w
+        lookup = float((sensitivity.rows * (sensitivity.scale * delta).double().square()).sum())
+        head = output_error(delta, sensitivity.head_hessian.float(), sensitivity.head)
+        options.append(
+            Option(
+                c, spec_bytes(specs), lookup + head, record.format, record.scheme(), specs, n * k
+            )
+        )
+    return options

@@ -43,7 +43,9 @@ from presso.compressors.formats.artifact_size import ArtifactSizer, LayerRecord,
 from presso.compressors.plan.candidates import (
     Candidate,
     CandidateGrid,
+    EmbeddingSensitivity,
     Option,
+    measure_embedding,
     measure_layer,
     spec_bytes,
 )
@@ -51,6 +53,7 @@ from presso.compressors.plan.knapsack import min_bytes_within_error, min_error_w
 from presso.compressors.ptq.blocks import compress_model, model_inputs, select_layers
 from presso.compressors.ptq.calibration import HessianStats
 from presso.compressors.ptq.recipe import Recipe
+from presso.compressors.quant.embedding import EmbeddingQuant
 from presso.compressors.registry import check_range
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -102,6 +105,27 @@ def planned_layers(model: torch.nn.Module, ignore: Iterable[str]) -> dict[str, t
     return {name: modules[name] for name in select_layers(model, Recipe([], None), ignore).names}
 
 
+def tied_embedding(model: torch.nn.Module) -> str | None:
+    """The input embedding's name when ``lm_head`` shares its weight (one stored matrix)."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return None
+    return next(n for n, m in model.named_modules() if m is inputs)
+
+
+def planned_embedding(
+    model: torch.nn.Module, grid: CandidateGrid, ignore: Iterable[str]
+) -> str | None:
+    """The tied embedding's name if the plan decides it too: the grid offers it widths, errors
+    are weighted by the loss (which prices both of its uses) and no layer plan covers lm_head.
+    Untied heads are not planned (yet): the embedding entry would give them the same grid."""
+    name = tied_embedding(model)
+    if name is None or not grid.embedding_bits or grid.error != "loss":
+        return None
+    head = model.get_output_embeddings()
+    return None if any(m is head for m in planned_layers(model, ignore).values()) else name
+
+
 @dataclass
 class Measured:
     """A layer's measured options, standing in for its record while measuring: it dequantizes
@@ -115,8 +139,11 @@ class Measured:
 
 
 def output_sensitivity(
-    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
-) -> dict[str, torch.Tensor]:
+    model: torch.nn.Module,
+    calib_batches: Iterable,
+    ignore: Iterable[str] = ("lm_head",),
+    embedding: bool = False,
+) -> dict:
     """How much the loss cares about each output of each planned layer: the mean over
     calibration tokens of ``(∂L/∂yᵢ)²``, ``L`` the summed next-token loss (a diagonal Fisher).
 
@@ -124,20 +151,47 @@ def output_sensitivity(
     the loss increase, ``Δ(mean loss) ≈ ½ Σᵢ fᵢ (Δ H Δᵀ)ᵢᵢ``, comparable across layers: an error in
     an early block's small outputs, which every later block reads, is no longer taken as cheap.
     One forward and backward pass of the dense model per batch; weights are left untouched.
-    Data-parallel: :func:`sensitivity_sums` per shard of batches, then :func:`sensitivity_of`.
+    With ``embedding`` (and a tied embedding), the same pass also prices the embedding's error
+    in both its uses: an :class:`~presso.compressors.plan.candidates.EmbeddingSensitivity`
+    under its name. Data-parallel: :func:`sensitivity_sums` per shard, then :func:`sensitivity_of`.
     """
-    return sensitivity_of([sensitivity_sums(model, calib_batches, ignore)])
+    return sensitivity_of([sensitivity_sums(model, calib_batches, ignore, embedding)])
 
 
 def sensitivity_sums(
-    model: torch.nn.Module, calib_batches: Iterable, ignore: Iterable[str] = ("lm_head",)
-) -> tuple[dict[str, torch.Tensor], int]:
-    """``({layer: Σ (∂L/∂y)² per output, fp64}, tokens)`` over ``calib_batches``."""
+    model: torch.nn.Module,
+    calib_batches: Iterable,
+    ignore: Iterable[str] = ("lm_head",),
+    embedding: bool = False,
+) -> tuple[dict, int]:
+    """``({layer: Σ (∂L/∂y)² per output, fp64}, tokens)`` over ``calib_batches`` (with
+    ``embedding``, the tied embedding's :class:`EmbeddingSensitivity` sums too)."""
     layers = planned_layers(model, ignore)
-    sums = {
+    sums: dict = {
         name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in layers.items()
     }
     tokens = 0
+    tied = tied_embedding(model) if embedding else None
+    handles = []
+    if tied is not None:
+        lookup, head = model.get_input_embeddings(), model.get_output_embeddings()
+        v, d = lookup.weight.shape
+        f64 = torch.float64
+        sums[tied] = priced = EmbeddingSensitivity(
+            torch.zeros(v, d, dtype=f64), torch.zeros(v, dtype=f64), torch.zeros(d, d, dtype=f64),
+            float(getattr(lookup, "embed_scale", 1.0)),
+        )  # fmt: skip
+
+        def head_inputs(module, args):
+            x = args[0].detach().reshape(-1, d).double()
+            priced.head_hessian += x.T @ x
+
+        def head_grads(module, grad_input, grad_output):
+            g = grad_output[0].detach().reshape(-1, v)
+            priced.head += g.float().square().sum(0, dtype=f64)
+
+        handles += [head.register_forward_pre_hook(head_inputs)]
+        handles += [head.register_full_backward_hook(head_grads)]
 
     def hook(name):
         def record(module, grad_input, grad_output):
@@ -146,7 +200,7 @@ def sensitivity_sums(
 
         return record
 
-    handles = [lin.register_full_backward_hook(hook(name)) for name, lin in layers.items()]
+    handles += [lin.register_full_backward_hook(hook(name)) for name, lin in layers.items()]
     was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
     model.eval()
     model.requires_grad_(False)  # gradients reach the layer outputs without any weight's
@@ -160,6 +214,9 @@ def sensitivity_sums(
             out = model(inputs_embeds=embeds, labels=ids, use_cache=False, **rest)
             (out.loss * predicted).backward()
             tokens += ids.numel()
+            if tied is not None:  # each token's (∂L/∂e)² onto the vocabulary row it looked up
+                g = embeds.grad.reshape(-1, embeds.shape[-1]).double().square()
+                priced.rows.index_add_(0, ids.reshape(-1), g)
     finally:
         for h in handles:
             h.remove()
@@ -175,7 +232,12 @@ def sensitivity_of(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str
     if not tokens:
         raise DataError("output_sensitivity: no calibration batches given")
     sums = {name: sum(p[0][name] for p in parts) for name in parts[0][0]}
-    return {name: (s / (2 * tokens)).float() for name, s in sums.items()}
+    return {
+        name: s.normalized(tokens)
+        if isinstance(s, EmbeddingSensitivity)
+        else (s / (2 * tokens)).float()
+        for name, s in sums.items()
+    }
 
 
 @dataclass
@@ -209,11 +271,36 @@ def measure_model(
     """Each planned layer's measured candidates, in one process (the model is left as it was).
     ``sensitivity``: :func:`output_sensitivity`'s result when the caller has it already."""
     calib_batches = list(calib_batches)  # read twice when weighting by the loss
+    embedding = planned_embedding(model, grid, ignore)
     if sensitivity is None and grid.error == "loss":
-        sensitivity = output_sensitivity(model, calib_batches, ignore)
-    solver = CandidateMeasurer(grid, sensitivity)
+        sensitivity = output_sensitivity(model, calib_batches, ignore, embedding is not None)
+    solver = CandidateMeasurer(grid, layer_weights(sensitivity))
     records = compress_model(model, [solver], calib_batches, ignore, progress)
-    return {name: record.options for name, record in records.items()}
+    options = {name: record.options for name, record in records.items()}
+    return with_embedding(options, model, grid, sensitivity, embedding)
+
+
+def layer_weights(sensitivity: dict | None) -> dict | None:
+    """The per-output weights of the layers alone: what the measuring pass ships to workers
+    (the embedding's pricing is a vocabulary-sized matrix, used on the driver)."""
+    if sensitivity is None:
+        return None
+    return {n: s for n, s in sensitivity.items() if not isinstance(s, EmbeddingSensitivity)}
+
+
+def with_embedding(
+    options: dict[str, list[Option]],
+    model: torch.nn.Module,
+    grid: CandidateGrid,
+    sensitivity: dict | None,
+    embedding: str | None,
+) -> dict[str, list[Option]]:
+    """``options`` plus the tied embedding's (last: it is solved after the layers), when it is
+    planned and priced by ``sensitivity``."""
+    if embedding is None or sensitivity is None or embedding not in sensitivity:
+        return options
+    weight = model.get_submodule(embedding).weight
+    return {**options, embedding: measure_embedding(weight, sensitivity[embedding], grid)}
 
 
 def min_artifact_bytes(
@@ -231,6 +318,12 @@ def min_artifact_bytes(
         c = min(grid.candidates(k), key=lambda c: c.nbytes(n, k, sizer.dtype))
         if c.kind != "dense":
             record = c.proxy(torch.zeros(n, k))  # for the format and scheme config.json lists
+            layers[name] = (record.format, record.scheme(), c.tensor_specs(n, k))
+    if (name := planned_embedding(model, grid, ignore)) is not None:
+        n, k = model.get_submodule(name).weight.shape
+        c = min(grid.embedding_candidates(k), key=lambda c: c.nbytes(n, k, sizer.dtype))
+        if c.kind != "dense":
+            record = c.proxy(torch.zeros(n, k))
             layers[name] = (record.format, record.scheme(), c.tensor_specs(n, k))
     return sizer.total(layers)
 
@@ -261,6 +354,7 @@ class BudgetPlan:
     chosen: list[Option]  # the chosen option of each
     artifact_bytes: int  # what save_compressed(model, records, path, tokenizer) will write
     weights: int  # weights in the planned layers
+    embedding: str | None = None  # the tied embedding's entry in names, when it is planned
 
     @property
     def layer_bytes(self) -> int:
@@ -278,11 +372,27 @@ class BudgetPlan:
     @property
     def ignore(self) -> list[str]:
         """Planned layers that stay dense: pass them to the pipeline's ``ignore``."""
-        return [n for n, o in zip(self.names, self.chosen) if o.format is None]
+        return [
+            n for n, o in zip(self.names, self.chosen) if o.format is None and n != self.embedding
+        ]
 
     def solver(self, damp: float = 0.01) -> PerLayerSolver:
-        choices = {n: o.candidate for n, o in zip(self.names, self.chosen) if o.format}
+        choices = {
+            n: o.candidate
+            for n, o in zip(self.names, self.chosen)
+            if o.format and n != self.embedding
+        }
         return PerLayerSolver(choices, damp)
+
+    def recipe(self, damp: float = 0.01) -> Recipe:
+        """The pipeline's recipe for this plan: the per-layer solver, then the embedding entry
+        when the embedding is planned onto a grid."""
+        entry = None
+        if self.embedding is not None:
+            c = self.chosen[self.names.index(self.embedding)].candidate
+            if c.bits:
+                entry = EmbeddingQuant(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+        return Recipe([], self.solver(damp), entry)
 
     def describe(self, top: int | None = None) -> str:
         """``120× W4 g64, 60× W3 g32 asym, ...``: how many layers got each setting (the ``top``
@@ -338,6 +448,7 @@ class Planner:
         self, model: torch.nn.Module, options: dict[str, list[Option]], tokenizer=None, dtype="auto"
     ):
         self.names = list(options)
+        self.embedding = tied_embedding(model) if tied_embedding(model) in options else None
         self.sizer = ArtifactSizer(model, tokenizer, dtype)  # dtype: save_compressed's
         self.options = [[_stored_as(o, self.sizer.dtype) for o in options[n]] for n in self.names]
         self.weights = sum(opts[0].weights for opts in self.options)
@@ -354,7 +465,8 @@ class Planner:
         layers: dict[str, LayerRecord] = {
             n: (o.format, o.scheme, o.specs) for n, o in zip(self.names, chosen) if o.format
         }
-        return BudgetPlan(self.names, chosen, self.sizer.total(layers), self.weights)
+        total = self.sizer.total(layers)
+        return BudgetPlan(self.names, chosen, total, self.weights, self.embedding)
 
     def smallest(self) -> BudgetPlan:
         return self.plan([min(range(len(c)), key=c.__getitem__) for c in self.cost])

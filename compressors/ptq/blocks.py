@@ -310,6 +310,8 @@ def compress_blocks(
     solver (a per-layer assignment, e.g. bits chosen by a budget); they must accept the recipe
     solver's statistics. ``on_block(text)`` follows each finished block with its timings.
     """
+    if not layers.names:  # e.g. a budget plan that only packs the embedding
+        return {}, []
     solvers = solvers or {}
     modules = dict(model.named_modules())
 

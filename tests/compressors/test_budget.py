@@ -57,7 +57,7 @@ def planned(make_llama):
 
 def _solve_and_save(model, calib, plan, path):
     model = copy.deepcopy(model)
-    records = compress_model(model, [plan.solver()], calib, ignore=["lm_head", *plan.ignore])
+    records = compress_model(model, plan.recipe(), calib, ignore=["lm_head", *plan.ignore])
     return records, save_compressed(model, records, path, _Tokenizer())
 
 
@@ -68,7 +68,7 @@ def test_planned_artifacts_match_their_size_and_never_exceed_the_budget(planned,
     model, calib, planner = planned
     smallest = planner.smallest().artifact_bytes
     kinds = set()
-    for i, max_bytes in enumerate([smallest, smallest + 997, 60_000, 75_000, 90_000, 150_000]):
+    for i, max_bytes in enumerate([smallest, smallest + 997, 60_000, 75_000, 90_000, 140_000]):
         plan = planner.for_bytes(max_bytes)
         records, info = _solve_and_save(model, calib, plan, tmp_path / f"a{i}")
         assert info.artifact_bytes == plan.artifact_bytes <= max_bytes
@@ -84,8 +84,8 @@ def test_candidate_bytes_equal_the_bytes_stored_for_each_layer(planned, tmp_path
     and the solved record must have exactly the shapes the candidate predicted. A layer left
     dense is stored in the artifact's storage dtype (fp16 for this fp32 model)."""
     model, calib, planner = planned
-    layer = planner.names[-1]
-    options = planner.options[-1]
+    layer = planner.names[-2]  # the last decoder layer (the tied embedding comes after it)
+    options = planner.options[-2]
     assert {o.candidate.kind for o in options} == {"quant", "sparse", "lowrank", "dense"}
     weight = model.get_submodule(layer).weight.detach()
     stats = HessianStats.empty(weight.shape[1])
@@ -270,6 +270,56 @@ def test_output_sensitivity_is_each_outputs_mean_squared_loss_gradient(tiny_llam
                                    atol=1e-12)  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_the_embeddings_pricing_is_its_two_uses_loss_gradients(tiny_llama):
+    """The tied embedding is priced in both uses, the plain autograd way: per vocabulary row,
+    ½·Σ over the tokens that looked it up of (∂L/∂e)²/T; per logit ½·mean (∂L/∂logit)²; and the
+    head's input Hessian the mean x xᵀ of the final hidden states."""
+    model = tiny_llama
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randint(0, 96, (2, 12), generator=gen) for _ in range(2)]
+    priced = output_sensitivity(model, calib, embedding=True)["model.embed_tokens"]
+    rows, head, hessian = torch.zeros(96, 64, dtype=torch.float64), 0.0, 0.0
+    for ids in calib:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        hidden = model.model(inputs_embeds=embeds).last_hidden_state
+        logits = model.lm_head(hidden)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        g_embeds, g_logits = torch.autograd.grad(loss, [embeds, logits])
+        rows.index_add_(0, ids.reshape(-1), g_embeds.reshape(-1, 64).double().square())
+        head = head + g_logits.reshape(-1, 96).double().square().sum(0)
+        x = hidden.detach().reshape(-1, 64).double()
+        hessian = hessian + x.T @ x
+    tokens = sum(ids.numel() for ids in calib)
+    torch.testing.assert_close(priced.rows, rows / (2 * tokens), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(priced.head, head / (2 * tokens), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(priced.head_hessian, hessian / tokens, rtol=1e-4, atol=1e-9)
+
+
+def test_the_tied_embedding_is_one_planned_decision(planned, tmp_path):
+    """A small model's largest tensor must be in the plan, not outside it: the tied
+    embedding/lm_head is one decision (as stored, W8 or W4), priced errors rising as bits fall;
+    the smallest plan packs it, and the artifact stores it once, packed, at the planned size."""
+    model, calib, planner = planned
+    assert planner.names[-1] == planner.embedding == "model.embed_tokens"
+    options = planner.options[-1]
+    assert [o.candidate.label for o in options] == ["W8 ch", "W4 ch", "dense"]  # 64 columns
+    assert options[1].error > options[0].error > options[2].error == 0
+    plan = planner.smallest()
+    assert plan.recipe().embedding.bits == 4 and "model.embed_tokens" not in plan.ignore
+    records, info = _solve_and_save(model, calib, plan, tmp_path / "art")
+    assert info.artifact_bytes == plan.artifact_bytes
+    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight_packed" in names
+    assert (
+        not any(n.startswith("lm_head") for n in names) and "model.embed_tokens.weight" not in names
+    )
+    unplanned = Planner(model, {n: o for n, o in zip(planner.names[:-1], planner.options)})
+    assert unplanned.embedding is None and unplanned.smallest().recipe().embedding is None
 
 
 def test_weighted_errors_are_each_outputs_error_times_its_weight():

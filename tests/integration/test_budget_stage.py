@@ -86,7 +86,8 @@ def test_byte_budget_end_to_end(sources, tmp_path, ray_session, capsys):
     assert {"budget_plan.txt", "budget_plan.json"} <= files
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/budget_plan.png"]
     rows = json.loads(open(client.download_artifacts(run_id, "budget_plan.json")).read())["rows"]
-    assert len(rows) == 14 and sum(r["bytes"] for r in rows) > 0
+    assert len(rows) == 15 and sum(r["bytes"] for r in rows) > 0  # 14 linears, the embedding
+    assert rows[-1]["layer"] == "model.embed_tokens"
 
 
 def test_perplexity_budget_searches_on_held_out_windows(sources, tmp_path, ray_session):

@@ -112,7 +112,8 @@ def test_one_call_is_the_pipelines_compress_path(tiny_llama, tmp_path):
 
 def test_a_budget_in_one_call(tiny_llama, tmp_path):
     """A budget instead of a recipe: the planner chooses per layer and the artifact keeps to it
-    (stored bits per block weight, scales included, layers left dense at 32)."""
+    (stored bits per planned weight, the block linears' and the tied embedding's, scales
+    included, whatever stays dense counted at 32)."""
     import json
 
     from safetensors.torch import load_file
@@ -121,12 +122,13 @@ def test_a_budget_in_one_call(tiny_llama, tmp_path):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     packed = config["quantization_config"]["presso"]["layers"]
     state = load_file(tmp_path / "a" / "model.safetensors")
-    blocks = [n for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)][:-1]
+    planned = [n for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)][:-1]
+    planned.append("model.embed_tokens")
     stored = sum(
         t.numel() * t.element_size() for k, t in state.items() if k.rpartition(".")[0] in packed
     )
-    stored += sum(4 * tiny_llama.get_submodule(n).weight.numel() for n in blocks if n not in packed)
-    weights = sum(tiny_llama.get_submodule(n).weight.numel() for n in blocks)
+    stored += sum(4 * tiny_llama.get_submodule(n).weight.numel() for n in planned if n not in packed)
+    weights = sum(tiny_llama.get_submodule(n).weight.numel() for n in planned)
     assert packed and 8 * stored / weights <= 4.5
     with pytest.raises(ConfigError, match="max_ppl_increase_pct"):
         presso.compress(tiny_llama, {"max_ppl_increase_pct": 5}, calibration=_calib())
