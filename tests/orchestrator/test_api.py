@@ -127,7 +127,9 @@ def test_a_budget_in_one_call(tiny_llama, tmp_path):
     stored = sum(
         t.numel() * t.element_size() for k, t in state.items() if k.rpartition(".")[0] in packed
     )
-    stored += sum(4 * tiny_llama.get_submodule(n).weight.numel() for n in planned if n not in packed)
+    stored += sum(
+        4 * tiny_llama.get_submodule(n).weight.numel() for n in planned if n not in packed
+    )
     weights = sum(tiny_llama.get_submodule(n).weight.numel() for n in planned)
     assert packed and 8 * stored / weights <= 4.5
     with pytest.raises(ConfigError, match="max_ppl_increase_pct"):
