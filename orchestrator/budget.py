@@ -215,7 +215,7 @@ def run_budget(cfg, plan, run, progress=None) -> tuple[CompressResult, BudgetPla
         raise ConfigError(f"compress.budget: {e}") from None
     print(chosen.table(), flush=True)
     if run is not None:
-        log_plan(run, chosen, search)
+        log_plan(run, chosen, search, planner)
     if result is None:
         result = _solve(cfg, plan, chosen, progress)
     return result, chosen
@@ -286,9 +286,30 @@ def choice_grid(chosen: BudgetPlan) -> tuple[list[str], list[str], list[list[flo
     return blocks, kinds, [[cells.get((b, k), float("nan")) for k in kinds] for b in blocks]
 
 
-def log_plan(run, chosen: BudgetPlan, search: dict | None) -> None:
-    """The plan's table and rows (and the perplexity search's steps), the heat map, totals."""
-    from presso.orchestrator.plots import plot_layer_choices
+def frontier(planner: Planner, chosen: BudgetPlan, points: int = 16) -> dict[str, list]:
+    """``(artifact MB, predicted loss rise)`` of plans for ``points`` sizes from the smallest
+    artifact to the largest, of every uniform setting the grid offers all layers, and of
+    ``chosen``: the picture of what each byte buys, from the measured table alone."""
+    low, high = planner.smallest().artifact_bytes, planner.largest().artifact_bytes
+    sizes = {round(low * (high / low) ** (i / (points - 1))) for i in range(points)}
+    sweep = [planner.for_bytes(b) for b in sorted(sizes)]
+    offered = {o.candidate for opts in planner.options for o in opts if o.format}
+    uniform = [p for c in sorted(offered, key=str) if (p := planner.uniform(c)) is not None]
+
+    def pts(plans):
+        return [(p.artifact_bytes / 1e6, p.total_error) for p in plans if p.total_error > 0]
+
+    return {
+        "budget plans": pts(sweep),
+        "uniform settings": pts(uniform),
+        "this plan": pts([chosen]),
+    }
+
+
+def log_plan(run, chosen: BudgetPlan, search: dict | None, planner: Planner | None = None) -> None:
+    """The plan's table and rows (and the perplexity search's steps), the heat map, the
+    predicted size/error frontier (with ``planner``), totals."""
+    from presso.orchestrator.plots import plot_layer_choices, plot_series
 
     run.text(chosen.table(), "budget_plan.txt")
     run.text(json.dumps({"rows": chosen.rows(), "search": search}, indent=1), "budget_plan.json")
@@ -302,6 +323,18 @@ def log_plan(run, chosen: BudgetPlan, search: dict | None) -> None:
         filename="budget_plan.png",
         xlabel="layer",
     )
+    if planner is not None:
+        plot_series(
+            run,
+            frontier(planner, chosen),
+            "predicted loss rise vs artifact size (measured candidates)",
+            "budget_frontier.png",
+            xlabel="artifact MB (whole folder)",
+            ylabel="predicted rise of the mean loss (nats)",
+            log_y=True,
+            markers=True,
+            points_only=("uniform settings", "this plan"),
+        )
     run.metrics(
         {
             "compress/planned_artifact_bytes": chosen.artifact_bytes,

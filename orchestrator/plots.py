@@ -38,14 +38,17 @@ def plot_series(
     log_y: bool = False,
     markers: bool = False,
     baseline: tuple[str, float] | None = None,
+    points_only: tuple[str, ...] = (),
 ) -> None:
     """One line per ``series`` entry (label → ``(x, y)`` points, in any order); ``baseline``
-    draws a labelled horizontal reference line."""
+    draws a labelled horizontal reference line; series named in ``points_only`` are markers
+    without a line (points that are not a curve)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
         if points:
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, label=label, marker="o" if markers else None)
+            style = {"linestyle": "none", "marker": "x"} if label in points_only else {}
+            ax.plot(xs, ys, label=label, **({"marker": "o" if markers else None} | style))
     if baseline is not None:
         ax.axhline(baseline[1], color="gray", linestyle="--", label=baseline[0])
     if log_y:

@@ -468,8 +468,23 @@ class Planner:
         total = self.sizer.total(layers)
         return BudgetPlan(self.names, chosen, total, self.weights, self.embedding)
 
+    def uniform(self, candidate: Candidate) -> BudgetPlan | None:
+        """Every planned layer at ``candidate`` and the embedding as stored (a uniform recipe,
+        predicted from the same table); None if some layer is not offered it."""
+        choice = []
+        for name, opts in zip(self.names, self.options):
+            want = Candidate() if name == self.embedding else candidate
+            k = next((i for i, o in enumerate(opts) if o.candidate == want), None)
+            if k is None:
+                return None
+            choice.append(k)
+        return self.plan(choice)
+
     def smallest(self) -> BudgetPlan:
         return self.plan([min(range(len(c)), key=c.__getitem__) for c in self.cost])
+
+    def largest(self) -> BudgetPlan:
+        return self.plan([max(range(len(c)), key=c.__getitem__) for c in self.cost])
 
     def for_bytes(self, max_bytes: int) -> BudgetPlan:
         """The least-error plan whose whole artifact is at most ``max_bytes``."""

@@ -379,3 +379,21 @@ def test_the_plan_spends_bytes_where_the_loss_is_sensitive(planned):
     plan = planner.for_avg_bits(3.0)
     bits = {r["layer"]: r["bits"] for r in plan.rows()}
     assert bits[precious] == max(bits.values()) > min(bits.values())
+
+
+def test_the_frontier_shows_what_each_byte_buys(planned):
+    """The stage's picture: plans across the whole size range predict less error the more bytes
+    they get, and every uniform setting sits on or above that frontier (the knapsack is exact)."""
+    from presso.orchestrator.budget import frontier
+
+    model, calib, planner = planned
+    chosen = planner.for_bytes(75_000)
+    series = frontier(planner, chosen, points=8)
+    sweep = sorted(series["budget plans"])
+    assert len(sweep) >= 6 and all(a[1] >= b[1] for a, b in zip(sweep, sweep[1:]))
+    assert series["this plan"] == [(chosen.artifact_bytes / 1e6, chosen.total_error)]
+    assert len(series["uniform settings"]) >= 8
+    offered = {o.candidate for opts in planner.options for o in opts if o.format}
+    for uniform in filter(None, map(planner.uniform, offered)):
+        plan = planner.for_bytes(uniform.artifact_bytes)
+        assert plan.total_error <= uniform.total_error * (1 + 1e-9)

@@ -84,7 +84,8 @@ def test_byte_budget_end_to_end(sources, tmp_path, ray_session, capsys):
     run_id = compress.info.run_id
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"budget_plan.txt", "budget_plan.json"} <= files
-    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/budget_plan.png"]
+    plots = [a.path for a in client.list_artifacts(run_id, "plots")]
+    assert plots == ["plots/budget_frontier.png", "plots/budget_plan.png"]
     rows = json.loads(open(client.download_artifacts(run_id, "budget_plan.json")).read())["rows"]
     assert len(rows) == 15 and sum(r["bytes"] for r in rows) > 0  # 14 linears, the embedding
     assert rows[-1]["layer"] == "model.embed_tokens"
