@@ -333,7 +333,7 @@ def log_plan(run, chosen: BudgetPlan, search: dict | None, planner: Planner | No
             ylabel="predicted rise of the mean loss (nats)",
             log_y=True,
             markers=True,
-            points_only=("uniform settings", "this plan"),
+            points_only={"uniform settings": "x", "this plan": "*"},
         )
     run.metrics(
         {

@@ -38,17 +38,20 @@ def plot_series(
     log_y: bool = False,
     markers: bool = False,
     baseline: tuple[str, float] | None = None,
-    points_only: tuple[str, ...] = (),
+    points_only: dict[str, str] | None = None,
 ) -> None:
     """One line per ``series`` entry (label → ``(x, y)`` points, in any order); ``baseline``
-    draws a labelled horizontal reference line; series named in ``points_only`` are markers
-    without a line (points that are not a curve)."""
+    draws a labelled horizontal reference line; series named in ``points_only`` (label →
+    matplotlib marker) are markers without a line (points that are not a curve)."""
+    points_only = points_only or {}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
         if points:
             xs, ys = zip(*sorted(points))
-            style = {"linestyle": "none", "marker": "x"} if label in points_only else {}
-            ax.plot(xs, ys, label=label, **({"marker": "o" if markers else None} | style))
+            style = {"marker": "o" if markers else None}
+            if label in points_only:
+                style = {"linestyle": "none", "marker": points_only[label], "markersize": 9}
+            ax.plot(xs, ys, label=label, **style)
     if baseline is not None:
         ax.axhline(baseline[1], color="gray", linestyle="--", label=baseline[0])
     if log_y:
