@@ -448,7 +448,8 @@ class Planner:
         self, model: torch.nn.Module, options: dict[str, list[Option]], tokenizer=None, dtype="auto"
     ):
         self.names = list(options)
-        self.embedding = tied_embedding(model) if tied_embedding(model) in options else None
+        tied = tied_embedding(model)
+        self.embedding = tied if tied in options else None
         self.sizer = ArtifactSizer(model, tokenizer, dtype)  # dtype: save_compressed's
         self.options = [[_stored_as(o, self.sizer.dtype) for o in options[n]] for n in self.names]
         self.weights = sum(opts[0].weights for opts in self.options)
