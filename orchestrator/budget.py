@@ -43,7 +43,7 @@ from presso.compressors.plan.planner import (
     with_embedding,
 )
 from presso.compressors.ptq.recipe import Recipe
-from presso.orchestrator.compress import CompressResult, run_compression
+from presso.orchestrator.compress import CompressResult, run_compression, spread_over
 from presso.orchestrator.models import storage_dtype
 from presso.orchestrator.pool import Task, WorkerPool
 
@@ -118,11 +118,10 @@ def loss_weights(
     pool = WorkerPool(workers, threads)
     try:
         model_ref = ray.put(model)
-        live = pool.live()
         tasks = [
-            Task(live[i % len(live)], sensitivity_sums,
+            Task(worker, sensitivity_sums,
                  (model_ref, calibration[bounds[i]:bounds[i + 1]], list(ignore), embedding))
-            for i in range(count)
+            for i, worker in enumerate(spread_over(pool, count))
         ]  # fmt: skip
         return sensitivity_of(pool.run(tasks))
     finally:

@@ -141,7 +141,7 @@ def solve_task(algo, name: str, weight: torch.Tensor, stats) -> tuple:
 # Driver side.
 
 
-def _spread(pool: WorkerPool, count: int) -> list[int]:
+def spread_over(pool: WorkerPool, count: int) -> list[int]:
     """Worker of each of ``count`` equal tasks: round-robin over the live workers."""
     live = pool.live()
     return [live[i % len(live)] for i in range(count)]
@@ -170,7 +170,7 @@ class RaySteps:
         import ray
 
         block_ref, shard_refs = ray.put(block), self._shipped(inputs)
-        workers = _spread(self.pool, len(shard_refs))
+        workers = spread_over(self.pool, len(shard_refs))
         tasks = [Task(w, fn, (block_ref, ref, *args)) for w, ref in zip(workers, shard_refs)]
         return self.pool.run(tasks)
 
