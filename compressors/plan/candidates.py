@@ -172,9 +172,15 @@ def spec_bytes(specs: Specs) -> int:
 class CandidateGrid:
     """Which settings every planned layer is offered (those its shape allows)."""
 
-    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # quantized code widths
+    # quantized code widths: every width from 2 to 6, so a plan can sit between two widths
+    # without mixing the wider one in (uniform W5/W6 are strong recipes once the embedding is
+    # packed: bench/results/budget.txt), and 8 for the layers that need it
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     group_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, -1])  # -1: per row
-    symmetric: list[bool] = field(default_factory=lambda: [True, False])  # grid variants tried
+    # grid variants tried; asymmetric only by default: its zero points cost bits/group_size per
+    # weight, and SmolLM2's plans chose it for 91 % of layers when offered both (bench/budget.py,
+    # six sizes), while each variant costs the measuring pass a candidate per width and group
+    symmetric: list[bool] = field(default_factory=lambda: [False])
     sparse_patterns: list[str] = field(default_factory=lambda: ["2:4", "unstructured"])
     sparsity: float = 0.5  # fraction removed by the "unstructured" pattern
     sparse_bits: list[int] = field(default_factory=lambda: [0, 4])  # pruned values: 0 = fp16
@@ -189,7 +195,7 @@ class CandidateGrid:
     solver_scaled: bool = True
     # the tied embedding / lm_head: code widths offered ([] keeps it as stored; planned only with
     # error: loss, which prices both of its uses), on groups of this many hidden columns
-    embedding_bits: list[int] = field(default_factory=lambda: [8, 4])
+    embedding_bits: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
     embedding_group_size: int = 64
 
     def validate(self, prefix: str) -> None:
