@@ -2,11 +2,14 @@
 recipes, at their own sizes.
 
     python bench/budget.py [--quick] [--calib-samples N] [--eval-tokens N] [--workers N]
+    python bench/budget.py --rows "GPTQ W6 g64 + emb W6"   # one more uniform row, same inputs
+    python bench/budget.py --plans                          # plan again after a planner change
 
 **Uniform rows** are presso's best settings of each recipe (bench/ptq.py's): GPTQ with act-order
 (its default), asymmetric g32 grids, SpQR-style outliers, AWQ followed by GPTQ, SparseGPT 2:4
 with W4 values, and RTN for reference; the strongest of them also with the tied embedding packed
-to 8 bits (the ``embedding`` recipe entry, ``+ emb W8``), since the plan may pack it too. SmolLM2's width 576 is not a multiple of 128, so g64.
+to 8 bits (the ``embedding`` recipe entry, ``+ emb W8``) or to 6 or 5 bits, since the plan may
+pack it too. SmolLM2's width 576 is not a multiple of 128, so g64.
 **Plans** (:mod:`presso.compressors.plan.planner`) are made for the artifact sizes of the
 three target rows (``TARGETS``: about 4.25, 3.5 and 3.25 bits per weight), plus ``SWEEP_MB``: each one is solved with GPTQ / SparseGPT /
 output-optimal low rank, block by block, exactly as a uniform recipe is. The verdict at each
@@ -70,14 +73,25 @@ UNIFORM = {  # label → recipe (presso's strongest settings of each; GPTQ's act
 }  # fmt: skip
 # The tied embedding is most of the artifact, and the plan may pack it: so may a uniform recipe
 # (the opt-in ``embedding`` entry, 8-bit g64: bench/results/artifact_size.txt, ppl unchanged).
-EMB8 = {"embedding": {"bits": 8, "group_size": G}}
+
+
+def emb(bits: int) -> dict:
+    return {"embedding": {"bits": bits, "group_size": G}}
+
+
 for method in ("GPTQ W4 g64", "GPTQ W3 g64", "GPTQ W4 g32 asym", "SpQR W3 g64", "AWQ+GPTQ W3 g64"):
-    UNIFORM[f"{method} + emb W8"] = [*UNIFORM[method], EMB8]
-for bits in (
-    5,
-    6,
-):  # wider uniform grids reach the larger target sizes once the embedding is packed
-    UNIFORM[f"GPTQ W{bits} g64 + emb W8"] = [{"gptq": {"bits": bits, "group_size": G}}, EMB8]
+    UNIFORM[f"{method} + emb W8"] = [*UNIFORM[method], emb(8)]
+# wider uniform grids reach the larger target sizes once the embedding is packed
+for bits in (5, 6):
+    UNIFORM[f"GPTQ W{bits} g64 + emb W8"] = [{"gptq": {"bits": bits, "group_size": G}}, emb(8)]
+# the plan may store the embedding in 6 or 5 bits (CandidateGrid.embedding_bits): so may these,
+# each one the strongest grid that fits under a target size with it
+UNIFORM |= {
+    "GPTQ W4 g32 asym + emb W6": [*UNIFORM["GPTQ W4 g32 asym"], emb(6)],
+    "GPTQ W5 g32 asym + emb W6": [{"gptq": {"bits": 5, "group_size": 32, **ASYM}}, emb(6)],
+    "GPTQ W6 g64 + emb W5": [{"gptq": {"bits": 6, "group_size": G}}, emb(5)],
+    "GPTQ W6 g64 + emb W6": [{"gptq": {"bits": 6, "group_size": G}}, emb(6)],
+}
 QUICK = ("RTN W4 g64", "GPTQ W4 g64", "GPTQ W3 g64", "GPTQ W4 g64 + emb W8")
 TARGETS = {"GPTQ W4 g64": 5.0, "SpQR W3 g64": 5.0, "GPTQ W3 g64": 15.0}  # % gain the issue asks
 SWEEP_MB = (70.0, 80.0, 90.0)  # more plan sizes for the picture (whole artifact, 10^6 bytes)
@@ -254,9 +268,10 @@ def gains(plan: dict, best: dict) -> dict:
     return {k: 100 * (1 - plan[k] / best[k]) for k in keys}
 
 
-def verdicts(rows: list[dict]) -> list[dict]:
+def verdicts(rows: list[dict], dense: dict) -> list[dict]:
     """Every plan against the best uniform row no larger; at the target sizes also against the
-    best that keeps the embedding as stored (the comparison the targets were first written for)."""
+    best that keeps the embedding as stored (the comparison the targets were first written for).
+    ``headroom_pct``: the most any row could gain on ``best``, the fp32 model's own perplexity."""
     out = []
     for plan in (r for r in rows if r["kind"] == "plan"):
         target = next((m for m in TARGETS if m in {r["method"] for r in rows if r["artifact_bytes"] == plan["budget_bytes"]}), None)  # fmt: skip
@@ -269,7 +284,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
             met = None if goal is None else all(v >= goal for k, v in g.items() if k != "ppl_val")
             out.append({"budget_bytes": plan["budget_bytes"], "size_of": target,
                         "best_uniform": best["method"], "keep_embedding": keep,
-                        "goal_pct": goal, "gain_pct": g, "met": met})  # fmt: skip
+                        "goal_pct": goal, "gain_pct": g, "met": met,
+                        "headroom_pct": gains(dense, best)})  # fmt: skip
     return out
 
 
@@ -310,9 +326,11 @@ def render(report: dict) -> list[str]:
         against = "embedding as stored" if v["keep_embedding"] else "any"
         status = "" if v["met"] is None else ("met: " if v["met"] else "MISSED: ")
         goal = "" if v["goal_pct"] is None else f" (goal {v['goal_pct']:.0f} % on test and lic)"
+        room = ", ".join(f"{g:.1f} %" for g in v["headroom_pct"].values())
         lines.append(
             f"{status}at {where} the plan vs the best uniform row that fits ({against}: "
-            f"{v['best_uniform']}, chosen on val): {text} lower perplexity{goal}"
+            f"{v['best_uniform']}, chosen on val): {text} lower perplexity{goal}; fp32 itself "
+            f"is {room} lower"
         )
     lines.append(f"settings: {json.dumps(report['settings'])}")
     return lines
@@ -320,7 +338,7 @@ def render(report: dict) -> list[str]:
 
 def write(report: dict, name: str) -> bool:
     """The verdicts, ``name``.json, .txt and _pareto.png; whether every target was met."""
-    report["verdicts"] = verdicts(report["rows"])
+    report["verdicts"] = verdicts(report["rows"], report["dense"])
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
     lines = render(report)
     print("\n".join(lines), flush=True)
@@ -343,6 +361,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--rows", help="comma-separated uniform rows to (re)measure into the existing .json"
+    )
+    parser.add_argument(
+        "--plans",
+        action="store_true",
+        help="plan again into the existing .json (after a planner change): the planning, every "
+        "plan row and GPTQ W4 g64 (the timing baseline) measured anew, the other rows kept",
     )
     args = parser.parse_args()
     if args.report:
@@ -389,33 +413,34 @@ def main() -> int:
         "grid": vars(grid),
     }  # fmt: skip
     print(format_table([], COLUMNS), flush=True)
-    if args.rows:  # more uniform rows beside an earlier run's, on the same inputs
-        wanted = [m.strip() for m in args.rows.split(",")]
-        if unknown := set(wanted) - set(UNIFORM):
+    methods = [m for m in UNIFORM if not args.quick or m in QUICK]
+    if args.rows or args.plans:  # more rows beside an earlier run's, on the same inputs
+        methods = [m.strip() for m in args.rows.split(",")] if args.rows else []
+        if unknown := set(methods) - set(UNIFORM):
             parser.error(f"--rows: unknown {sorted(unknown)}; the rows are {list(UNIFORM)}")
+        if args.plans and "GPTQ W4 g64" not in methods:
+            methods.append("GPTQ W4 g64")
         earlier = json.loads((RESULTS / f"{name}.json").read_text())
         same = all(abs(earlier["dense"][k] / v - 1) < 1e-6 for k, v in dense.items())
-        if earlier["settings"] != report["settings"] or not same:
-            parser.error("--rows: the earlier run had other settings; run the whole benchmark")
-        report.update(earlier)
-        rows[:] = [r for r in earlier["rows"] if r["method"] not in wanted]
-        plans.update(earlier["plans"])
+        inputs = {k: v for k, v in report["settings"].items() if k != "grid"}  # rows' inputs
+        if {k: v for k, v in earlier["settings"].items() if k != "grid"} != inputs or not same:
+            parser.error("the earlier run had other inputs; run the whole benchmark")
+        if not args.plans:  # the plans stand, made with the earlier grid
+            report["settings"]["grid"] = earlier["settings"]["grid"]
+            plans.update(earlier["plans"])
+            report |= {k: earlier[k] for k in ("planning", "error_model") if k in earlier}
+        rows[:] = [
+            r
+            for r in earlier["rows"]
+            if r["method"] not in methods and not (args.plans and r["kind"] == "plan")
+        ]
         loads.update(earlier["load_1min"])
-        for method in wanted:
-            add(
-                {
-                    "method": method,
-                    "kind": "uniform",
-                    "budget_bytes": None,
-                    **runner.run(UNIFORM[method]),
-                }
-            )
+    for method in methods:
+        row = {"method": method, "kind": "uniform", "budget_bytes": None}
+        add({**row, **runner.run(UNIFORM[method])})
+    if args.rows and not args.plans:
         ray.shutdown()
         return 0 if write(report, name) else 1
-    for method, recipe in UNIFORM.items():
-        if args.quick and method not in QUICK:
-            continue
-        add({"method": method, "kind": "uniform", "budget_bytes": None, **runner.run(recipe)})
 
     # Planning: loss weights and the measuring pass on the workers, then the knapsack per budget.
     measured = measure_candidates(model, calib, grid, ["lm_head"], args.workers)
