@@ -304,10 +304,10 @@ def measure_layer(
             if c.kind == "dense":
                 yield c, None
                 continue
-            mask = None
-            if c.pattern:
-                mask = masks.setdefault((c.pattern, c.sparsity), c.mask(w))
-            yield c, c.proxy(w, mask)
+            key = (c.pattern, c.sparsity)
+            if c.pattern and key not in masks:  # a top-k over the whole weight: once per pattern
+                masks[key] = c.mask(w)
+            yield c, c.proxy(w, masks.get(key))
         if grid.lowrank_energy:
             svd = whitened_svd(w, stats.hessian(), grid.damp, name)
             cheaper_than_8bit = n * k // (2 * (n + k))  # a larger rank stores more than W8
