@@ -71,21 +71,22 @@ UNIFORM = {  # label → recipe (presso's strongest settings of each; GPTQ's act
     "SpQR W3 g16": [{"spqr": {"bits": 3, "group_size": 16}}],
     "SparseGPT 2:4+W4 g64": [{"sparsegpt": {"pattern": "2:4", "bits": 4, "group_size": G}}],
 }  # fmt: skip
-# The tied embedding is most of the artifact, and the plan may pack it: so may a uniform recipe
-# (the opt-in ``embedding`` entry, 8-bit g64: bench/results/artifact_size.txt, ppl unchanged).
 
 
 def emb(bits: int) -> dict:
+    """The opt-in ``embedding`` recipe entry: the tied embedding on a ``bits`` grid, g64."""
     return {"embedding": {"bits": bits, "group_size": G}}
 
 
+# The tied embedding is most of the artifact, and the plan may pack it: so may a uniform recipe
+# (8-bit g64: bench/results/artifact_size.txt, ppl unchanged).
 for method in ("GPTQ W4 g64", "GPTQ W3 g64", "GPTQ W4 g32 asym", "SpQR W3 g64", "AWQ+GPTQ W3 g64"):
     UNIFORM[f"{method} + emb W8"] = [*UNIFORM[method], emb(8)]
 # wider uniform grids reach the larger target sizes once the embedding is packed
 for bits in (5, 6):
     UNIFORM[f"GPTQ W{bits} g64 + emb W8"] = [{"gptq": {"bits": bits, "group_size": G}}, emb(8)]
 # the plan may store the embedding in 6 or 5 bits (CandidateGrid.embedding_bits): so may these,
-# each one the strongest grid that fits under a target size with it
+# sized to land just under the 90, 103.5, 107.3 and 116.8 MB plans
 UNIFORM |= {
     "GPTQ W4 g32 asym + emb W6": [*UNIFORM["GPTQ W4 g32 asym"], emb(6)],
     "GPTQ W5 g32 asym + emb W6": [{"gptq": {"bits": 5, "group_size": 32, **ASYM}}, emb(6)],
