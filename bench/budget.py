@@ -53,7 +53,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from harness import RESULTS, format_table, load_average, second_domain
+from harness import RESULTS, format_table, load_average, rank_correlation, second_domain
 
 SEQ_LEN = 512
 G = 64
@@ -149,15 +149,6 @@ class Runner:
         shutil.rmtree(self.tmp / "artifact")
         out = {"artifact_bytes": info.artifact_bytes, "avg_bits": info.avg_bits}
         return {**out, **self.ppl(result.model), "wall_s": result.wall_s}
-
-
-def ranks(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values).argsort().argsort().double()
-
-
-def rank_correlation(a: list[float], b: list[float]) -> float:
-    """Spearman's rho (no ties expected among float errors)."""
-    return float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1])
 
 
 def check_error_model(model, calib, grid, sensitivity, names) -> dict:

@@ -83,6 +83,14 @@ def noise_floor(name: str, loss: float, loss_spread: float | None) -> str:
     return f"noise floor: {name} val loss {loss:.4f} ± {100 * loss_spread / loss:.2f}% over seeds"
 
 
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho (ties broken by order: none expected among measured floats)."""
+    import torch
+
+    ranks = torch.stack([torch.tensor(v).argsort().argsort().double() for v in (a, b)])
+    return float(torch.corrcoef(ranks)[0, 1])
+
+
 def spread(values: list[float]) -> float | None:
     """Half the range of repeated measurements (seeds, calibration draws): the ± the benchmarks
     print; None for a single value, which has none."""
