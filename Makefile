@@ -73,7 +73,8 @@ test-latest:
 # The quick variants (minutes each); drop --quick for the full tables in bench/results/.
 # Peer rows need `pip install -e '.[peers]'` (llm-compressor, galore-torch; it pins transformers 5.17).
 bench: setup
-	$(BIN)/python bench/gradcomp.py --quick && $(BIN)/python bench/optim.py --quick
+	$(BIN)/python bench/gradcomp.py --quick && $(BIN)/python bench/lgreco_errors.py --quick
+	$(BIN)/python bench/optim.py --quick
 	$(BIN)/python bench/ptq.py --quick && $(BIN)/python bench/budget.py --quick
 
 clean:
