@@ -51,7 +51,7 @@ from presso.orchestrator.engine import DDPEngine
 from presso.orchestrator.models import build_scratch
 from presso.orchestrator.train import lr_at
 
-FULL = dict(warm=60, steps=8, eval_batches=8, blocks=(0, 3))
+FULL = dict(warm=60, steps=6, eval_batches=8, blocks=(0, 3))
 QUICK = dict(warm=4, steps=2, eval_batches=1, blocks=(0,))
 # A spread over each family's default L-GreCo candidates (ranks 1-32, densities 0.001-0.1,
 # bits 2/3/4/8), weakest compression last.
