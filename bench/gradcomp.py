@@ -18,14 +18,17 @@ order, stochastic rounding). Only ``train.grad_compression`` differs between row
   compressed row, torch's PowerSGD included (its ``start_powerSGD_iter``).
 
 ``--rows`` runs the named rows (labels as printed) and keeps the others from the last run's
-JSON; results are written after every row. Each row's JSON object holds, over its seeds:
+JSON; results are written after every row. ``--report`` re-renders the tables, verdict and plot
+from the JSON (the per-run lines and load of the ``.txt`` are kept). Each row's JSON object holds, over its seeds:
 
 * ``bytes_per_step``: bytes one worker hands to collectives per step (the hooks' own count:
   payloads, the dense flat part, L-GreCo's error table and plan broadcast), averaged over the
   compressed phase (after the dense warm-up); ``compression_ratio`` is dense bytes over it.
 * ``val_loss`` (mean), ``val_loss_spread`` (half the range) and ``val_loss_seeds``: next-byte
   NLL on fixed held-out windows after the last step; ``gap_pct`` against dense's mean. Dense's
-  own spread is the noise floor: a gap inside it is no gap.
+  own spread is the noise floor printed; ``gap_seeds_pct`` (each seed against dense's run of the
+  same seed: same init, same batches) and its half range ``gap_spread_pct`` are the noise on a
+  gap itself, smaller, because a seed moves every row the same way.
 * ``wire_bytes``: bytes one worker sends on the network per step at N = 2, 8, 64 workers by ring
   algorithms (``presso.compressors.gradient.accounting.wire_bytes``): an all-reduce moves
   ``2 (N - 1) / N`` times its payload through each link, an all-gather ``N - 1`` times the
@@ -181,21 +184,28 @@ def summarize(row: Row, seeds: list[dict], dense_bytes: int) -> dict:
 
 
 def with_gaps(rows: list[dict]) -> list[dict]:
-    """Rows with ``gap_pct`` against dense's mean val loss (NaN while dense is not measured)."""
+    """Rows with ``gap_pct`` against dense's mean val loss (NaN while dense is not measured) and
+    the paired gaps: ``gap_seeds_pct``, each seed's gap against dense's run of the same seed
+    (same init and batches), and ``gap_spread_pct``, half their range. Seeds move every row
+    together, so the paired spread is the noise on a gap; dense's own spread overstates it."""
     dense = next((r for r in rows if r["method"] == "dense"), None)
     base = dense["val_loss"] if dense else float("nan")
     for r in rows:
         r["gap_pct"] = round(100 * (r["val_loss"] - base) / base, 2)
+        seeds = zip(r["val_loss_seeds"], dense["val_loss_seeds"] if dense else [])
+        r["gap_seeds_pct"] = [round(100 * (x - d) / d, 2) for x, d in seeds]
+        r["gap_spread_pct"] = spread(r["gap_seeds_pct"]) if r["method"] != "dense" else None
     return rows
 
 
 COLUMNS = [  # (field, header, width, format)
-    ("label", "row", 22, "{}"),
+    ("label", "row", 26, "{}"),
     ("bytes_per_step", "bytes/step", 12, "{:,}"),
     ("compression_ratio", "ratio", 8, "{:.1f}x"),
     ("val_loss", "val loss", 9, "{:.4f}"),
     ("val_loss_spread", "±", 7, "{:.4f}"),
     ("gap_pct", "gap", 8, "{:+.2f}%"),
+    ("gap_spread_pct", "paired ±", 8, "{:.2f}%"),
     ("compute_s", "compute s", 9, "{:.3f}"),
     ("wire_n8", "wire N=8", 12, "{:,}"),
     ("step_n8_1", "N=8 1Gb/s", 10, "{:.3f}"),
@@ -219,9 +229,9 @@ def table(rows: list[dict]) -> str:
 def step_table(rows: list[dict]) -> str:
     """Modelled step seconds of every row at every network size and speed."""
     keys = [f"N={n} {g}Gb/s" for n, g in NETWORK]
-    lines = [f"{'row':>22} " + " ".join(f"{k:>14}" for k in keys)]
+    lines = [f"{'row':>26} " + " ".join(f"{k:>14}" for k in keys)]
     for r in rows:
-        lines.append(f"{r['label']:>22} " + " ".join(f"{r['step_s'][k]:>14.3f}" for k in keys))
+        lines.append(f"{r['label']:>26} " + " ".join(f"{r['step_s'][k]:>14.3f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -232,6 +242,12 @@ def verdict(rows: list[dict]) -> list[str]:
     if dense is None:
         return ["no dense row: no verdict"]
     lines = [noise_floor("dense", dense["val_loss"], dense["val_loss_spread"])]
+    paired = [r["gap_spread_pct"] for r in rows if r["gap_spread_pct"] is not None]
+    if paired:
+        lines.append(
+            f"paired noise: a compressed row's per-seed gaps (against dense's run of the same "
+            f"seed) lie within ± {median(paired):.2f}% of their mean (median over rows)"
+        )
     for family in UNIFORM:
         ok = [r for r in rows if r["family"] == family and r["gap_pct"] <= LOSS_TOLERANCE_PCT]
         uniform = min(
@@ -309,11 +325,36 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+def report(done: list[dict], s: dict, log: Log, path) -> None:
+    """The tables, the verdict and the Pareto plot of finished rows."""
+    log()
+    log(
+        f"gradient compression, {s['workers']} workers, {s['steps']} steps, {s['seeds']} seed(s) "
+        f"per row, dense warm-up {s['warmup']} steps, L-GreCo alpha 1 every {s['adjust']} steps"
+        f"{' (quick: tiny model)' if s['steps'] == QUICK['steps'] else ''}"
+    )
+    log(table(done))
+    log(
+        f"bytes/step: per worker, handed to collectives, mean over steps {s['warmup'] + 1}-"
+        f"{s['steps']} (the compressed phase) and seeds; ±: half the seeds' range; paired ±: "
+        "half the range of the per-seed gaps against dense's same seed; wire N=8: bytes on one "
+        "worker's link per step by ring algorithms; N=8 1Gb/s, N=64 10Gb/s: median measured "
+        "step + that wire time. Every network size and speed:"
+    )
+    log(step_table(done))
+    for line in verdict(done):
+        log(line)
+    plot(done, path.with_name(f"{path.stem}_pareto.png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 20 steps, one seed")
     parser.add_argument("--rows", help="comma-separated row labels; the others are kept")
     parser.add_argument("--seeds", type=int, help="seeds per row (default: full 3, quick 1)")
+    parser.add_argument(
+        "--report", action="store_true", help="re-render the tables and plot from the JSON"
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     seeds = args.seeds or s["seeds"]
@@ -327,18 +368,31 @@ def main(argv: list[str] | None = None) -> None:
     name = f"gradcomp{'_quick' if args.quick else ''}"
     out = RESULTS / f"{name}.json"
     order = [r.label for r in all_rows()]
-    earlier = json.loads(out.read_text()) if args.rows and out.exists() else {}
+    earlier = json.loads(out.read_text()) if (args.rows or args.report) and out.exists() else {}
     kept = earlier.get("rows", []) if isinstance(earlier, dict) else []  # an older layout: none
     results = {r["label"]: r for r in kept if r.get("label") in order}
     settings = {**s, "seeds": seeds, "workers": WORKERS}
-    tick, loads, log = time.perf_counter(), [], Log()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = Log()
 
     def save() -> list[dict]:
         done = with_gaps(sorted(results.values(), key=lambda r: order.index(r["label"])))
         out.write_text(json.dumps({"settings": settings, "rows": done}, indent=1) + "\n")
         return done
 
+    if args.report:
+        if not results:
+            parser.error(f"--report: no rows in {out}; run the benchmark first")
+        txt = out.with_suffix(".txt")
+        ran = txt.read_text().splitlines() if txt.exists() else []  # the run's own lines stay
+        for line in (x for x in ran if x.startswith("[")):
+            log(line)
+        report(save(), earlier["settings"], log, out)
+        for line in (x for x in ran if x.startswith("load average")):
+            log(line)
+        log.save(txt)
+        return
+    tick, loads = time.perf_counter(), []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with Bench("jobs/quickstart.yaml", base_overrides(s, args.quick), cpus=WORKERS) as bench:
         for i, row in enumerate(rows, 1):
             per_seed = []
@@ -354,27 +408,11 @@ def main(argv: list[str] | None = None) -> None:
             results[row.label] = summarize(row, per_seed, run.dense_bytes)
             done = save()
     seen = [x for pair in loads for x in pair]
-    log()
-    log(
-        f"gradient compression, {WORKERS} workers, {s['steps']} steps, {seeds} seed(s) per row, "
-        f"dense warm-up {s['warmup']} steps, L-GreCo alpha 1 every {s['adjust']} steps"
-        f"{' (quick: tiny model)' if args.quick else ''}"
-    )
-    log(table(done))
-    log(
-        f"bytes/step: per worker, handed to collectives, mean over steps {s['warmup'] + 1}-"
-        f"{s['steps']} (the compressed phase) and seeds; ±: half the seeds' range; wire N=8: bytes "
-        "on one worker's link per step by ring algorithms; N=8 1Gb/s, N=64 10Gb/s: median "
-        "measured step + that wire time. Every network size and speed:"
-    )
-    log(step_table(done))
+    report(done, settings, log, out)
     log(
         f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
         f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )
-    for line in verdict(done):
-        log(line)
-    plot(done, RESULTS / f"{name}_pareto.png")
     log.save(out.with_suffix(".txt"))
 
 
