@@ -15,10 +15,12 @@ AdamW and learning-rate schedule, presso's DDP engine):
    continuation from the same state;
 3. budgeted error: the communicator's own candidate error (what L-GreCo's table holds) on the
    layer's error-compensated gradient, summed over the steps; loss effect: val loss after the
-   steps minus the dense continuation's.
+   steps minus the dense continuation's. Two more errors for comparison (``ERRORS``): the
+   squared error the exchange really kept back, and that error in AdamW's update.
 
-Spearman's rho between the two, pooled over (layer, candidate) per family, and across layers at
-each candidate: the comparison the knapsack makes when it moves bytes from one layer to another.
+Spearman's rho of each against the loss effect, pooled over (layer, candidate) per family, and
+across layers at each candidate: the comparison the knapsack makes when it moves bytes from one
+layer to another.
 Writes ``bench/results/lgreco_errors{_quick}.{json,txt}``.
 """
 
@@ -113,39 +115,63 @@ class Probe:
 
     def continuation(self, family: str | None = None, layer: str = "", value=None) -> dict:
         """Val loss after ``steps`` more steps with only ``layer`` compressed at ``value`` (no
-        family: dense), and the budgeted error summed over those steps."""
+        family: dense), and the layer's errors summed over those steps (see ``ERRORS``)."""
         overrides = [f"{GC}.warmup_steps=0"]
         if family is not None:
             param = FAMILIES.get(family, "family").config.parameter
             overrides += [f"{GC}.method=uniform", f"{GC}.family={family}", f"{GC}.{param}={value}"]
         engine = self.engine(self.config(overrides))
-        budget = []
+        errors = dict.fromkeys(ERRORS, 0.0)
         if family is not None:
-            comm = engine.comm
+            comm, weight = engine.comm, engine.model.get_parameter(layer)
             comm.choice = {layer: comm.family.clamp(comm.shapes[layer], value)}  # this layer only
             name = (
                 "_exchange_low_rank" if isinstance(comm.family, PowerSGD) else "_exchange_gathered"
             )
             exchange = getattr(comm, name)
 
-            def recording(layers, inputs):  # what L-GreCo's table would hold, before the exchange
-                grad = inputs[layer].view(comm.shapes[layer])
-                budget.append(comm._errors(layer, grad, [comm.choice[layer]])[0])
-                return exchange(layers, inputs)
+            def recording(layers, inputs):
+                x = inputs[layer]  # the error-compensated gradient the compressor takes
+                errors["budget"] += comm._errors(
+                    layer, x.view(comm.shapes[layer]), [comm.choice[layer]]
+                )[0]
+                means, shares = exchange(layers, inputs)
+                sent = x - shares[layer]  # what error feedback keeps back this step
+                errors["realized"] += float(sent.double().square().sum())
+                errors["adam"] += float((sent / adam_denominator(engine.optimizer, weight))
+                                        .double().square().sum())  # fmt: skip
+                return means, shares
 
             setattr(comm, name, recording)
         warm = self.s["warm"]
         self.train(engine, range(warm, warm + self.s["steps"]))
-        return {"val_loss": self.val_loss(engine.model), "budget": sum(budget)}
+        return {"val_loss": self.val_loss(engine.model), **errors}
 
 
-def correlations(points: list[dict]) -> dict:
-    """Spearman's rho of budget against loss effect: pooled, and across layers per candidate."""
-    out = {"pooled": rank_correlation([p["budget"] for p in points], [p["effect"] for p in points])}
+# What each probe sums over its steps: L-GreCo's budgeted error (the communicator's own estimate,
+# before the exchange), the squared error the exchange really kept back, and that error divided
+# coordinate-wise by AdamW's denominator (sqrt of the bias-corrected second moment + eps), i.e.
+# the error in the update AdamW takes, which is what moves the loss.
+ERRORS = ("budget", "realized", "adam")
+
+
+def adam_denominator(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> torch.Tensor:
+    """AdamW's per-coordinate divisor of ``weight``'s update, flat, as of the last step."""
+    state, group = optimizer.state[weight], optimizer.param_groups[0]
+    beta2, step = group["betas"][1], float(state["step"])
+    return ((state["exp_avg_sq"] / (1 - beta2**step)).sqrt() + group["eps"]).reshape(-1)
+
+
+def correlations(points: list[dict], key: str) -> dict:
+    """Spearman's rho of ``key`` against the loss effect: pooled, and across layers per
+    candidate."""
+    groups = {"pooled": points}
     for value in sorted({p["value"] for p in points}):
-        same = [p for p in points if p["value"] == value]
-        out[str(value)] = rank_correlation([p["budget"] for p in same], [p["effect"] for p in same])
-    return out
+        groups[str(value)] = [p for p in points if p["value"] == value]
+    return {
+        name: rank_correlation([p[key] for p in group], [p["effect"] for p in group])
+        for name, group in groups.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,30 +190,30 @@ def main(argv: list[str] | None = None) -> None:
         for layer in probe.layers:
             for value in values:
                 r = probe.continuation(family, layer, value)
-                points.append(
-                    {
-                        "layer": layer,
-                        "value": value,
-                        "budget": r["budget"],
-                        "effect": r["val_loss"] - dense,
-                    }  # fmt: skip
-                )
+                points.append({"layer": layer, "value": value, "effect": r["val_loss"] - dense,
+                               **{k: r[k] for k in ERRORS}})  # fmt: skip
                 log(
-                    f"{family} {value} {layer}: budget {r['budget']:.4g}, "
-                    f"loss effect {points[-1]['effect']:+.5f}"
+                    f"{family} {value} {layer}: loss effect {points[-1]['effect']:+.5f}, "
+                    + ", ".join(f"{k} {r[k]:.4g}" for k in ERRORS)
                 )
-        results[family] = {"points": points, "rho": correlations(points)}
+        results[family] = {
+            "points": points,
+            "rho": {k: correlations(points, k) for k in ERRORS},
+        }
     dist.destroy_process_group()
     log()
     log(
-        f"L-GreCo's budgeted error against the loss effect: {len(probe.layers)} layers, one at a "
-        f"time compressed for {s['steps']} steps after {s['warm']} dense ones (quickstart Llama"
-        f"{', quick: tiny' if args.quick else ''}); Spearman's rho"
+        f"Spearman's rho of each error against the loss effect: {len(probe.layers)} layers, one "
+        f"at a time compressed for {s['steps']} steps after {s['warm']} dense ones (quickstart "
+        f"Llama{', quick: tiny' if args.quick else ''}); pooled over layers and candidates, then "
+        "across layers at each candidate. budget: L-GreCo's; realized: the squared error the "
+        "exchange kept back; adam: that error in AdamW's update (divided by its denominator)"
     )
     for family, r in results.items():
-        per = ", ".join(f"{k} {v:+.3f}" for k, v in r["rho"].items() if k != "pooled")
-        log(f"{family:>9}: pooled {r['rho']['pooled']:+.3f} over {len(r['points'])}; across "
-            f"layers at {per}")  # fmt: skip
+        for key, rho in r["rho"].items():
+            per = ", ".join(f"{k} {v:+.3f}" for k, v in rho.items() if k != "pooled")
+            log(f"{family:>9} {key:>8}: pooled {rho['pooled']:+.3f} over {len(r['points'])}; "
+                f"across layers at {per}")  # fmt: skip
     log(f"load average {load_average():.1f}; total {time.perf_counter() - tick:.0f} s")
     out = RESULTS / f"lgreco_errors{'_quick' if args.quick else ''}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
