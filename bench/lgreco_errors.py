@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gradcomp import GC, QUICK_MODEL
-from harness import RESULTS, ROOT, Log, load_average, rank_correlation
+from harness import RESULTS, ROOT, Log, load_average, median, rank_correlation
 
 from presso.compressors.gradient.config import FAMILIES
 from presso.compressors.gradient.powersgd import PowerSGD
@@ -174,17 +174,64 @@ def correlations(points: list[dict], key: str) -> dict:
     }
 
 
+def exchange_rates(points: list[dict]) -> dict[str, float]:
+    """Median loss effect per unit of budgeted error, by where the layer sits (the embedding,
+    each probed block). The knapsack assumes one rate for every layer: equal total error, equal
+    loss."""
+    groups: dict[str, list[float]] = {}
+    for p in points:
+        where = "embedding" if "embed" in p["layer"] else f"block {p['layer'].split('.')[2]}"
+        if p["budget"] > 0:
+            groups.setdefault(where, []).append(p["effect"] / p["budget"])
+    return {where: median(rates) for where, rates in groups.items()}
+
+
+def summary(report: dict) -> list[str]:
+    s, quick = report["settings"], report["settings"]["steps"] == QUICK["steps"]
+    families = {k: v for k, v in report.items() if k in CANDIDATES}
+    layers = len({p["layer"] for r in families.values() for p in r["points"]})
+    lines = [
+        f"Spearman's rho of each error against the loss effect: {layers} layers, one at a time "
+        f"compressed for {s['steps']} steps after {s['warm']} dense ones (quickstart Llama"
+        f"{', quick: tiny' if quick else ''}); pooled over layers and candidates, then across "
+        "layers at each candidate. budget: L-GreCo's; realized: the squared error the exchange "
+        "kept back; adam: that error in AdamW's update (divided by its denominator)"
+    ]
+    for family, r in families.items():
+        for key, rho in r["rho"].items():
+            per = ", ".join(f"{k} {v:+.3f}" for k, v in rho.items() if k != "pooled")
+            lines.append(f"{family:>9} {key:>8}: pooled {rho['pooled']:+.3f} over "
+                         f"{len(r['points'])}; across layers at {per}")  # fmt: skip
+    lines.append("loss effect per unit of budgeted error (median over candidates and layers):")
+    for family, r in families.items():
+        rates = exchange_rates(r["points"])
+        lines.append(f"{family:>9}: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps")
+    parser.add_argument("--report", action="store_true", help="re-render the summary from JSON")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
+    out = RESULTS / f"lgreco_errors{'_quick' if args.quick else ''}.json"
     tick, log = time.perf_counter(), Log()
+    if args.report:  # the probes' own lines stay
+        ran = out.with_suffix(".txt").read_text().splitlines()
+        for line in ran[: ran.index("")]:
+            log(line)
+        log()
+        for line in summary(json.loads(out.read_text())):
+            log(line)
+        log(ran[-1])  # the load and time of the run
+        log.save(out.with_suffix(".txt"))
+        return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     probe = Probe(s, args.quick)
     dense = probe.continuation()["val_loss"]
     log(f"dense continuation: val loss {dense:.5f} after {s['warm']} + {s['steps']} steps")
-    results = {}
+    report = {"settings": s, "dense_val_loss": dense}
     for family, values in CANDIDATES.items():
         points = []
         for layer in probe.layers:
@@ -196,28 +243,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"{family} {value} {layer}: loss effect {points[-1]['effect']:+.5f}, "
                     + ", ".join(f"{k} {r[k]:.4g}" for k in ERRORS)
                 )
-        results[family] = {
-            "points": points,
-            "rho": {k: correlations(points, k) for k in ERRORS},
-        }
+        report[family] = {"points": points, "rho": {k: correlations(points, k) for k in ERRORS}}
     dist.destroy_process_group()
     log()
-    log(
-        f"Spearman's rho of each error against the loss effect: {len(probe.layers)} layers, one "
-        f"at a time compressed for {s['steps']} steps after {s['warm']} dense ones (quickstart "
-        f"Llama{', quick: tiny' if args.quick else ''}); pooled over layers and candidates, then "
-        "across layers at each candidate. budget: L-GreCo's; realized: the squared error the "
-        "exchange kept back; adam: that error in AdamW's update (divided by its denominator)"
-    )
-    for family, r in results.items():
-        for key, rho in r["rho"].items():
-            per = ", ".join(f"{k} {v:+.3f}" for k, v in rho.items() if k != "pooled")
-            log(f"{family:>9} {key:>8}: pooled {rho['pooled']:+.3f} over {len(r['points'])}; "
-                f"across layers at {per}")  # fmt: skip
+    for line in summary(report):
+        log(line)
     log(f"load average {load_average():.1f}; total {time.perf_counter() - tick:.0f} s")
-    out = RESULTS / f"lgreco_errors{'_quick' if args.quick else ''}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": s, "dense_val_loss": dense, **results}, indent=1) + "\n")
+    out.write_text(json.dumps(report, indent=1) + "\n")
     log.save(out.with_suffix(".txt"))
 
 
