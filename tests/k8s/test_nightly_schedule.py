@@ -45,6 +45,10 @@ class FakeCluster:
         for d in (self.api, self.runs, self.bin):
             d.mkdir()
         (self.bin / "kubectl").symlink_to(FAKE)
+        # The clock stands still at NIGHT: a test run that crosses midnight UTC must not see
+        # the script name tomorrow's job (the script's only `date` call names the night).
+        (self.bin / "date").write_text(f"#!/bin/sh\necho {NIGHT}\n")
+        (self.bin / "date").chmod(0o755)
         self.objects = {"presso-nightly": _template()}
 
     def night(self, statuses: list[str], fail: dict | None = None, **env):
