@@ -136,9 +136,9 @@ class Probe:
                     layer, x.view(comm.shapes[layer]), [comm.choice[layer]]
                 )[0]
                 means, shares = exchange(layers, inputs)
-                sent = x - shares[layer]  # what error feedback keeps back this step
-                errors["realized"] += float(sent.double().square().sum())
-                errors["adam"] += float((sent / adam_denominator(engine.optimizer, weight))
+                residual = x - shares[layer]  # what error feedback keeps back this step
+                errors["realized"] += float(residual.double().square().sum())
+                errors["adam"] += float((residual / adam_denominator(engine.optimizer, weight))
                                         .double().square().sum())  # fmt: skip
                 return means, shares
 
