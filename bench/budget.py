@@ -188,32 +188,48 @@ def check_error_model(model, calib, grid, sensitivity, names) -> dict:
 
 
 def plot(rows: list[dict], dense: dict, path: Path) -> None:
+    """Perplexity vs artifact size: every row on a log axis (left), and the rows near fp32 on a
+    linear one (right), where the plans and the best uniform recipes crowd together. Uniform
+    rows are numbered by size (a key beside the panels), each number in one panel only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    near = 1.25 * dense["ppl"]  # the right panel's ceiling
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), width_ratios=(1, 1.3))
     plans = sorted((r["artifact_bytes"] / 1e6, r["ppl"]) for r in rows if r["kind"] == "plan")
-    if plans:
-        ax.plot(*zip(*plans), "o-", color="C3", label="presso budget plan", zorder=3)
     styles = {"RTN": "^", "GPTQ": "s", "AWQ+GPTQ": "v", "SpQR": "D", "SparseGPT": "P"}
-    for i, (family, marker) in enumerate(styles.items()):
-        points = [r for r in rows if r["kind"] == "uniform" and r["method"].split()[0] == family]
-        for j, r in enumerate(points):
-            ax.plot(r["artifact_bytes"] / 1e6, r["ppl"], marker, color=f"C{i}",
-                    label=family if j == 0 else None)  # fmt: skip
-            ax.annotate(r["method"].removeprefix(family).strip(), (r["artifact_bytes"] / 1e6,
-                        r["ppl"]), fontsize=7, xytext=(4, 2), textcoords="offset points")  # fmt: skip
-    ax.axhline(dense["ppl"], color="gray", linestyle=":", label=f"fp32 ({dense['ppl']:.2f})")
-    ax.set(
-        xlabel="artifact size (MB, whole folder)",
-        ylabel="test perplexity (Macbeth, The Tempest)",
-        title="SmolLM2-135M: perplexity vs artifact size",
-        yscale="log",
+    uniform = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["artifact_bytes"])
+    for ax, zoomed in zip(axes, (False, True)):
+        if plans:
+            ax.plot(*zip(*plans), "o-", color="C3", label="presso budget plan", zorder=3)
+        labelled = set()
+        for n, r in enumerate(uniform, 1):
+            family, xy = r["method"].split()[0], (r["artifact_bytes"] / 1e6, r["ppl"])
+            if zoomed and xy[1] > near:
+                continue
+            i = list(styles).index(family)
+            ax.plot(
+                *xy, styles[family], color=f"C{i}", label=None if family in labelled else family
+            )
+            labelled.add(family)
+            if zoomed == (xy[1] <= near):
+                ax.annotate(str(n), xy, fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.axhline(dense["ppl"], color="gray", linestyle=":", label=f"fp32 ({dense['ppl']:.2f})")
+        ax.grid(alpha=0.3)
+        ax.set(xlabel="artifact size (MB, whole folder)")
+    key = "\n".join(f"{n:>2} {r['method']}" for n, r in enumerate(uniform, 1))
+    axes[1].text(
+        1.02, 1, key, transform=axes[1].transAxes, va="top", fontsize=7, family="monospace"
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes[0].set(ylabel="test perplexity (Macbeth, The Tempest)", yscale="log", title="all rows")
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper center")  # all
+    axes[1].set(ylim=(dense["ppl"] * 0.98, near))
+    if close := [r["artifact_bytes"] / 1e6 for r in rows if r["ppl"] <= near]:
+        axes[1].set(xlim=(min(close) - 3, None))
+    axes[1].set(title="within 25 % of fp32")
+    fig.suptitle("SmolLM2-135M: perplexity vs artifact size")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
