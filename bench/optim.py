@@ -2,6 +2,7 @@
 GaLore's projected-gradient all-reduce against dense DDP.
 
     python bench/optim.py [--quick] [--rows galore,galore+comm]   # --rows keeps the other rows
+    python bench/optim.py --report [--quick]   # re-render optim.txt from optim.json
 
 Every row trains the same from-scratch Llama (the quickstart's: hidden 256, 4 layers, byte
 tokens) on the same Shakespeare batches and steps (warm-up then cosine) on 2 Ray Train workers;
@@ -169,7 +170,7 @@ def between_refreshes(run: TrainRun, expected: float) -> str:
 
 
 COLUMNS = [  # (field, header, width, format)
-    ("optimizer", "optimizer", 16, "{}"),
+    ("optimizer", "optimizer", 19, "{}"),
     ("state_bytes", "state bytes", 12, "{:,}"),
     ("state_ratio", "ratio", 6, "{:.3f}"),
     ("lr", "lr", 7, "{:g}"),
@@ -196,8 +197,37 @@ def verdict(results: list[dict]) -> list[str]:
     peer = next((r for r in results if r["optimizer"].startswith(PEER)), None)
     if ours and peer:
         diff = 100 * (ours["final_val_loss"] - peer["final_val_loss"]) / peer["final_val_loss"]
-        lines.append(f"galore vs {PEER}: {diff:+.2f}% val loss (target: within 1%)")
+        lines.append(
+            f"galore vs {PEER}: {diff:+.2f}% val loss, each at its own rate (lr {ours['lr']:g} vs "
+            f"{peer['lr']:g}; target: within 1%)"
+        )
+        both = [lr for lr in ours["lr_sweep"] if lr in peer["lr_sweep"]]
+        equal = ", ".join(
+            f"lr {lr}: {ours['lr_sweep'][lr]:.4f} vs {peer['lr_sweep'][lr]:.4f} "
+            f"({100 * (ours['lr_sweep'][lr] / peer['lr_sweep'][lr] - 1):+.2f}%)"
+            for lr in both
+        )
+        lines.append(f"galore vs {PEER} at equal rates, seed 0: {equal}")
     return lines
+
+
+def render(results: list[dict], s: dict, quick: bool, log: Log) -> None:
+    """The table, what its columns mean and the verdict."""
+    log()
+    log(
+        f"low-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
+        f"refresh every {s['gap']} steps, scale {SCALE}; each row at its best rate of "
+        f"{', '.join(f'{x:g}' for x in s['lrs'])} (seed 0's val loss), then {s['seeds']} seed(s)"
+        f"{' (quick: tiny model)' if quick else ''}"
+    )
+    log(format_table(results, COLUMNS))
+    log(
+        "state: optimizer state tensors per worker; val loss: mean over seeds at the row's rate "
+        "(±: half their range); comm B/step: per worker, mean over all steps (dense DDP for rows "
+        "without the comm hook); ms/step: median."
+    )
+    for line in verdict(results):
+        log(line)
 
 
 def train_row(bench, label, overrides, position, log, loads: list, lr, seed: int) -> TrainRun:
@@ -219,8 +249,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", help="comma-separated optimizers to run, with adamw (default: all)"
     )
+    parser.add_argument(
+        "--report", action="store_true", help="re-render the table and verdict from the JSON"
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
+    out = RESULTS / f"optim{'_quick' if args.quick else ''}.json"
+    if args.report:
+        if not out.exists():
+            parser.error(f"--report: no {out}; run the benchmark first")
+        txt = out.with_suffix(".txt")
+        ran = txt.read_text().splitlines() if txt.exists() else []  # the run's own lines stay
+        log = Log()
+        for line in (x for x in ran if x.startswith("[")):
+            log(line)
+        render(json.loads(out.read_text()), s, args.quick, log)
+        for line in (x for x in ran if x.startswith(("load average", "note: "))):
+            log(line)
+        log.save(txt)
+        return
     tick = time.perf_counter()
     results, loads, notes, log = [], [], [], Log()
     plan = rows()
@@ -256,7 +303,6 @@ def main(argv: list[str] | None = None) -> None:
     if (why := peer_status()) is not None:
         notes.append(f"{PEER} (peer) row skipped: {why}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"optim{'_quick' if args.quick else ''}.json"
     if args.rows and out.exists():  # keep the other rows of the last run (this layout only)
         ran = {r["optimizer"] for r in results}
         kept = [r for r in json.loads(out.read_text()) if "lr" in r and r["optimizer"] not in ran]
@@ -264,25 +310,13 @@ def main(argv: list[str] | None = None) -> None:
         results = sorted(results + kept, key=lambda r: order.index(r["optimizer"]))
     out.write_text(json.dumps(results, indent=1) + "\n")
     seen = [x for pair in loads for x in pair]
-    log()
+    render(results, s, args.quick, log)
     log(
-        f"low-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
-        f"refresh every {s['gap']} steps, scale {SCALE}; each row at its best rate of "
-        f"{', '.join(f'{x:g}' for x in s['lrs'])} (seed 0's val loss), then {s['seeds']} seed(s)"
-        f"{' (quick: tiny model)' if args.quick else ''}"
-    )
-    log(format_table(results, COLUMNS))
-    log(
-        "state: optimizer state tensors per worker; val loss: mean over seeds at the row's rate "
-        "(±: half their range); comm B/step: per worker, mean over all steps (dense DDP for rows "
-        "without the comm hook); ms/step: median.\n"
         f"load average during the rows: {min(seen):.1f}-{max(seen):.1f} (now "
         f"{load_average():.1f}); total {time.perf_counter() - tick:.0f} s; wrote {out}"
     )
-    for line in verdict(results):
-        log(line)
     for note in notes:
-        log(note)
+        log(f"note: {note}")
     log.save(out.with_suffix(".txt"))
 
 
