@@ -9,7 +9,9 @@ tokens) on the same Shakespeare batches and steps (warm-up then cosine) on 2 Ray
 only ``train.optimizer`` (and, for the ``+comm`` rows, ``train.grad_compression.method: galore``)
 differs. Each optimizer gets its own learning rate: seed 0 runs at every rate of ``lrs`` (a
 factor ~3 apart around the quickstart's 3e-3), the rate with the lowest validation loss is kept,
-and the other seeds run at it; a row reports the mean over seeds at its rate (``±``: half the
+and the other seeds run at it. A best rate at the sweep's edge is not shown to be best, so the
+sweep goes on past that edge by the same factor (up to ``extend`` more rates) until a tried rate
+on each side is worse; a row reports the mean over seeds at its rate (``±``: half the
 range), so no optimizer is judged at a rate tuned for another. Settings chosen once for all
 low-rank rows:
 
@@ -68,8 +70,9 @@ from harness import (
 
 WORKERS = 2
 FULL = dict(steps=300, eval_every=100, eval_batches=16, rank=64, gap=50, seeds=2)
-FULL["lrs"] = (1e-3, 3e-3, 1e-2)
-QUICK = dict(steps=20, eval_every=20, eval_batches=2, rank=16, gap=8, seeds=1, lrs=(3e-3, 1e-2))
+FULL.update(lrs=(1e-3, 3e-3, 1e-2), extend=2)
+QUICK = dict(steps=20, eval_every=20, eval_batches=2, rank=16, gap=8, seeds=1)
+QUICK.update(lrs=(3e-3, 1e-2), extend=0)
 QUICK_MODEL = [  # a tiny Llama: the quick run checks the pipeline, not the numbers
     "model.scratch.hidden_size=64",
     "model.scratch.num_layers=2",
@@ -217,7 +220,8 @@ def render(results: list[dict], s: dict, quick: bool, log: Log) -> None:
     log(
         f"low-rank optimizers, {WORKERS} workers, {s['steps']} steps, rank {s['rank']}, "
         f"refresh every {s['gap']} steps, scale {SCALE}; each row at its best rate of "
-        f"{', '.join(f'{x:g}' for x in s['lrs'])} (seed 0's val loss), then {s['seeds']} seed(s)"
+        f"{', '.join(f'{x:g}' for x in s['lrs'])} (seed 0's val loss; past an edge by up to "
+        f"{s['extend']} more), then {s['seeds']} seed(s)"
         f"{' (quick: tiny model)' if quick else ''}"
     )
     log(format_table(results, COLUMNS))
@@ -228,6 +232,17 @@ def render(results: list[dict], s: dict, quick: bool, log: Log) -> None:
     )
     for line in verdict(results):
         log(line)
+
+
+def beyond_edge(at: dict) -> float | None:
+    """The next rate to try when the best of ``at`` (rate: run) is the lowest or highest tried:
+    one step further by the factor between the two rates at that edge; else None."""
+    rates = sorted(at)
+    best = min(rates, key=lambda lr: at[lr].final("val/loss"))
+    if best not in (rates[0], rates[-1]) or len(rates) < 2:
+        return None
+    near, next_in = (rates[0], rates[1]) if best == rates[0] else (rates[-1], rates[-2])
+    return float(f"{near * near / next_in:.2g}")
 
 
 def train_row(bench, label, overrides, position, log, loads: list, lr, seed: int) -> TrainRun:
@@ -288,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
                 sweep, runs = {}, [train(lr, 0)]
             else:
                 at = {lr: train(lr, 0) for lr in s["lrs"]}
-                sweep = {lr: run.final("val/loss") for lr, run in at.items()}
+                for _ in range(s["extend"]):
+                    if (lr := beyond_edge(at)) is None:
+                        break
+                    at[lr] = train(lr, 0)
+                sweep = {lr: at[lr].final("val/loss") for lr in sorted(at)}
                 lr = min(sweep, key=sweep.get)
                 runs = [at[lr]]
             runs += [train(lr, seed) for seed in range(1, s["seeds"])]
