@@ -124,10 +124,12 @@ OPTIMIZERS.add("galore_torch", OptimizerConfig, _galore_torch, "galore-torch's G
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's state tensors (moments, codes, scales, projectors, steps)."""
+    """Bytes held in the optimizer's state tensors (moments, codes, scales, projectors, steps),
+    including those an object in the state holds: galore-torch keeps each projector in one."""
     return sum(
-        v.numel() * v.element_size()
+        t.numel() * t.element_size()
         for state in optimizer.state.values()
         for v in state.values()
-        if torch.is_tensor(v)
+        for t in ([v] if torch.is_tensor(v) else vars(v).values() if hasattr(v, "__dict__") else [])
+        if torch.is_tensor(t)
     )
